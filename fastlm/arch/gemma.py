@@ -1,0 +1,5 @@
+"""Gemma: (1 + w) RMSNorm, tanh-GELU gated MLP, embeddings scaled by sqrt(hidden_size)."""
+from .registry import ArchSpec, register
+
+SPEC = register(ArchSpec(family="gemma", model_types=("gemma",), norm="rms_plus_one", activation="gelu_tanh",
+                         embedding_scale="sqrt_hidden"))

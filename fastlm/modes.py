@@ -1,0 +1,51 @@
+"""Training and inference modes: `FastLanguageModel.for_training(model)` / `for_inference(model)`, also attached to
+the model instance as `model.for_training()` / `model.for_inference()`.
+
+for_training: train(), use_cache off, gradient checkpointing as configured, tokenizer pads on the right.
+for_inference: eval(), use_cache on, gradient checkpointing off, tokenizer pads on the left (batched generation).
+"""
+from __future__ import annotations
+
+import types
+
+from .patch.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from .state import base_model_of, get_state
+
+
+def for_training(model, use_gradient_checkpointing=None):
+    state = get_state(model)
+    base = base_model_of(model)
+    mode = use_gradient_checkpointing
+    if mode is None:
+        mode = state.use_gradient_checkpointing if state else True
+    model.train()
+    trainable = any(p.requires_grad for p in model.parameters())
+    if mode and trainable:
+        enable_gradient_checkpointing(base, mode)
+    else:
+        disable_gradient_checkpointing(base)
+    base.config.use_cache = False
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.use_cache = False
+    if state and state.tokenizer is not None:
+        state.tokenizer.padding_side = "right"
+    return model
+
+
+def for_inference(model):
+    state = get_state(model)
+    base = base_model_of(model)
+    model.eval()
+    disable_gradient_checkpointing(base)
+    base.config.use_cache = True
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.use_cache = True
+    if state and state.tokenizer is not None:
+        state.tokenizer.padding_side = "left"
+    return model
+
+
+def attach_methods(model) -> None:
+    """Bind fastlm's model methods onto this instance (and its PEFT wrapper, when given one)."""
+    for name, fn in (("for_training", for_training), ("for_inference", for_inference)):
+        object.__setattr__(model, name, types.MethodType(fn, model))

@@ -1,0 +1,44 @@
+"""Tiled MLP (`unsloth_tiled_mlp=True`): run each decoder MLP over chunks of the sequence, recomputing each chunk
+in the backward pass, so the intermediate (tokens x intermediate_size) activations of only one chunk are alive at
+a time. Exact: the same function, chunked over positions (an MLP is position-wise)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 4096
+
+
+def tiled_forward(mlp_forward, hidden_states: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """hidden_states: (batch, seq, hidden). Splits the flattened tokens into chunks of `chunk_tokens`."""
+    shape = hidden_states.shape
+    flat = hidden_states.reshape(-1, shape[-1])
+    if flat.shape[0] <= chunk_tokens:
+        return mlp_forward(hidden_states)
+    outs = []
+    for chunk in flat.split(chunk_tokens, dim=0):
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            outs.append(checkpoint(mlp_forward, chunk, use_reentrant=False))
+        else:
+            outs.append(mlp_forward(chunk))
+    return torch.cat(outs, dim=0).reshape(*shape[:-1], -1)
+
+
+def install_tiled_mlp(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Replace the forward of every decoder layer's `mlp` on this instance. Returns how many were patched."""
+    count = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and hasattr(module, "forward"):
+            original = module.forward
+            module._fastlm_original_forward = original
+            module.forward = (lambda orig: (lambda x: tiled_forward(orig, x, chunk_tokens)))(original)
+            count += 1
+    return count
+
+
+def remove_tiled_mlp(model) -> None:
+    for module in model.modules():
+        original = getattr(module, "_fastlm_original_forward", None)
+        if original is not None:
+            module.forward = original
+            del module._fastlm_original_forward

@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fixtures.tiny import build_tokenizer, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Returns a function model_type -> directory of a saved tiny random model (built once per type)."""
+    made: dict[tuple, Path] = {}
+    tok = build_tokenizer()
+
+    def make(model_type: str = "llama", **overrides) -> Path:
+        key = (model_type, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = save_tiny_model(model_type, tmp_path_factory.mktemp(f"tiny-{model_type}"), tokenizer=tok,
+                                        **overrides)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_llama_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
