@@ -27,10 +27,12 @@ INIT_VALUES = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda
 
 def linear_module_names(model) -> list[str]:
     """Leaf names of the linear layers LoRA can target (quantized ones included; lm_head excluded)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layers, which PEFT also adapts
+
     names = set()
     for full_name, module in model.named_modules():
         leaf = full_name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and leaf not in FULLY_TRAINED_NAMES:
+        if isinstance(module, (nn.Linear, Conv1D)) and leaf not in FULLY_TRAINED_NAMES:
             names.add(leaf)
     return sorted(names)
 

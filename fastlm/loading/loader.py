@@ -80,15 +80,17 @@ def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -
     max_pos = getattr(config, "max_position_embeddings", None)
     if rope_scaling is None and (max_pos is None or max_seq_length <= max_pos):
         return None
-    params = getattr(config, "rope_parameters", None) or {"rope_type": "default",
-                                                          "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    params = getattr(config, "rope_parameters", None)
+    if not params and getattr(config, "rope_theta", None) is None:
+        return None  # no RoPE (learned positions): nothing to scale; the caller caps max_seq_length
+    params = params or {"rope_type": "default", "rope_theta": config.rope_theta}
     if rope_scaling is not None:
         update = dict(rope_scaling)
         if "type" in update:
             update["rope_type"] = update.pop("type")
     else:
         update = {"rope_type": "linear", "factor": float(max_seq_length) / float(max_pos)}
-    if max_pos:
+    if max_pos and update.get("rope_type") in ("yarn", "longrope", "llama3"):
         update.setdefault("original_max_position_embeddings", max_pos)
     nested = all(isinstance(v, dict) for v in params.values())
     if nested:  # per-layer-type RoPE (Gemma 3): scale the global layers, where long context lives
@@ -124,10 +126,15 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
                 "model_name", plan.model_name, f"this checkpoint is already quantized ({existing}) and loads as it is",
                 "drop the load_in_* / full_finetuning arguments, or load the original 16-bit model")])
         quantization = existing
+    max_pos = getattr(config, "max_position_embeddings", None)
     scale = apply_rope_scaling(config, plan.max_seq_length, plan.rope_scaling)
     if scale:
         logger.warning("fastlm: max_seq_length=%d exceeds the model's context; RoPE scaled by %.3g",
                        plan.max_seq_length, scale)
+    elif max_pos and plan.max_seq_length > max_pos and getattr(config, "max_position_embeddings", 0) == max_pos:
+        logger.warning("fastlm: %s has learned positions for %d tokens and no RoPE to scale; max_seq_length %d is "
+                       "capped to %d", config.model_type, max_pos, plan.max_seq_length, max_pos)
+        plan.max_seq_length = max_pos
 
     if plan.random_state is not None:
         torch.manual_seed(plan.random_state)
