@@ -1,0 +1,1 @@
+"""Training helpers: chat templates, data formats, response masking, TRL glue."""
