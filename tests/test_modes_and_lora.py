@@ -29,7 +29,7 @@ def test_generate_with_streamer_in_both_modes(lora_model, mode, capsys):
     model, tok = lora_model
     getattr(FastLanguageModel, f"for_{mode}")(model)
     inputs = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                          streamer=TextStreamer(tok, skip_prompt=True))
     new_text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -40,10 +40,10 @@ def test_generate_with_streamer_in_both_modes(lora_model, mode, capsys):
 def test_batched_generation_left_pads_in_inference_mode(lora_model):
     model, tok = lora_model
     FastLanguageModel.for_inference(model)
-    batch = tok(["the cat", "what is the capital of france"], return_tensors="pt", padding=True)
+    batch = tok(["the cat", "what is the capital of france"], return_tensors="pt", padding=True).to(model.device)
     assert batch["attention_mask"][0, 0] == 0  # padded on the left
     out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    single = model.generate(**tok(["the cat"], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4,
+    single = model.generate(**tok(["the cat"], return_tensors="pt").to(model.device), max_new_tokens=4, min_new_tokens=4,
                             do_sample=False)
     assert out[0, -4:].tolist() == single[0, -4:].tolist()
 

@@ -198,6 +198,10 @@ def _resize_embeddings(model, tokenizer, added: list[str], resize_model_vocab: i
 
 
 def _install_patches(model, plan: LoadPlan) -> None:
+    if plan.quantization in ("fp8-row", "fp8-block"):
+        from ..patch.fp8_backward import install_fp8_backward
+
+        install_fp8_backward(model)
     if plan.offload_embedding:
         from ..patch.offload_embedding import offload_embedding
 

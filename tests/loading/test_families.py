@@ -34,7 +34,7 @@ def test_load_lora_train_generate(tiny_model_factory, model_type, precision):
     FastLanguageModel.for_training(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     batch = tok(["the cat is red and the dog is blue", "what is the capital of france"], return_tensors="pt",
-                padding=True)
+                padding=True).to(model.device)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     losses = []
     for _ in range(6):
@@ -46,6 +46,6 @@ def test_load_lora_train_generate(tiny_model_factory, model_type, precision):
     assert losses[-1] < losses[0] - 0.1, losses
 
     FastLanguageModel.for_inference(model)
-    prompt = tok(["the cat"], return_tensors="pt")
+    prompt = tok(["the cat"], return_tensors="pt").to(model.device)
     out = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 5)

@@ -15,7 +15,7 @@ from fixtures.tiny import build_tokenizer, save_tiny_model
 def _logits(model, tok, text="the cat is red"):
     model.eval()
     with torch.no_grad():
-        return model(**tok([text], return_tensors="pt")).logits
+        return model(**tok([text], return_tensors="pt").to(model.device)).logits.float().cpu()
 
 
 def test_adapter_directory_loads_base_and_adapter(tiny_llama_dir, tmp_path):
@@ -67,7 +67,7 @@ def test_long_max_seq_length_scales_rope_linearly(tiny_llama_dir):
     rope = model.config.rope_parameters
     assert rope["rope_type"] == "linear" and rope["factor"] == pytest.approx(1024 / 256)
     assert model.max_seq_length == 1024
-    ids = torch.randint(0, 300, (1, 600))
+    ids = torch.randint(0, 300, (1, 600), device=model.device)
     assert torch.isfinite(model(input_ids=ids).logits).all()
     model, _ = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_16bit=True, max_seq_length=512,
                                                  rope_scaling={"type": "dynamic", "factor": 2.0})

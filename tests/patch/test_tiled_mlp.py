@@ -7,8 +7,8 @@ from fastlm.patch.tiled_mlp import install_tiled_mlp, remove_tiled_mlp
 
 def test_tiled_mlp_matches_plain_forward_and_backward(tiny_llama_dir):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_16bit=True, full_finetuning=True,
-                                                 use_gradient_checkpointing=False)
-    ids = torch.randint(0, 300, (2, 40))
+                                                 dtype=torch.float32, use_gradient_checkpointing=False)
+    ids = torch.randint(0, 300, (2, 40), device=model.device)
 
     def run():
         model.zero_grad()
