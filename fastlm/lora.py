@@ -47,6 +47,9 @@ def _prepare_quantized(model) -> None:
     """k-bit training preparation: freeze the base weights and let gradients flow from the input embeddings
     (needed when checkpointed layers see no input that requires grad). Norms stay in the compute dtype to save
     memory; PEFT's adapters are kept in float32 by autocast_adapter_dtype."""
+    from .patch.bnb_cpu import keep_cpu_4bit_trainable
+
+    keep_cpu_4bit_trainable(model)
     for param in model.parameters():
         param.requires_grad_(False)
     model.enable_input_require_grads()

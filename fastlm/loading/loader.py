@@ -198,6 +198,9 @@ def _resize_embeddings(model, tokenizer, added: list[str], resize_model_vocab: i
 
 
 def _install_patches(model, plan: LoadPlan) -> None:
+    from ..patch.bnb_cpu import keep_cpu_4bit_trainable
+
+    keep_cpu_4bit_trainable(model)
     if plan.quantization in ("fp8-row", "fp8-block"):
         from ..patch.fp8_backward import install_fp8_backward
 
