@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import pytest
 
 datasets = pytest.importorskip("datasets")
@@ -54,7 +56,8 @@ def test_throughput_history_per_logging_step_and_loss_plot(tiny_llama_dir, tmp_p
     for entry in throughput.history:
         assert math.isfinite(entry["loss"]) and entry["learning_rate"] > 0
         assert entry["tokens_per_second"] > 0
-        assert entry["peak_memory_gb"] > 0 and entry["memory_kind"] == "cpu_peak_rss"
+        expected_kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss"
+        assert entry["peak_memory_gb"] > 0 and entry["memory_kind"] == expected_kind
     # 4 steps x 2 examples = the whole dataset once: the count is its exact number of (non-padding) tokens
     assert throughput.history[-1]["tokens"] == sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     assert throughput.token_count_kind == "non-padding tokens"
