@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/fastlm train examples/quickstart.yaml output.overwrite=true
+	$(VENV)/bin/fastlm generate outputs/quickstart --prompt "What is the capital of Zorbania?"
+	$(VENV)/bin/fastlm generate outputs/quickstart --prompt "How many moons does the planet Vextor have?"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

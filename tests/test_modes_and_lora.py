@@ -5,6 +5,7 @@ from transformers import TextStreamer
 
 from fastlm import FastLanguageModel
 from fastlm.errors import ConfigError
+from fastlm.patch.checkpointing import is_checkpointing
 
 
 @pytest.fixture
@@ -18,10 +19,10 @@ def test_modes_switch_everything_a_user_relies_on(lora_model):
     base = model.get_base_model()
     model.for_inference()  # also available as a method
     assert not model.training and base.config.use_cache and tok.padding_side == "left"
-    assert not base.is_gradient_checkpointing
+    assert not is_checkpointing(base)
     FastLanguageModel.for_training(model)
     assert model.training and not base.config.use_cache and tok.padding_side == "right"
-    assert base.is_gradient_checkpointing
+    assert is_checkpointing(base)
 
 
 @pytest.mark.parametrize("mode", ["training", "inference"])

@@ -1,19 +1,35 @@
-"""Gradient checkpointing on one model instance.
+"""Gradient (activation) checkpointing on one model instance.
 
 `use_gradient_checkpointing` accepts True, False or "unsloth". "unsloth" will become the activation-offloading
 variant with the kernel work; until then it is standard non-reentrant checkpointing, like True.
+transformers >= 5.2x names these methods `activation_checkpointing_*` and deprecates the `gradient_checkpointing_*`
+names; both generations are supported (the GPU image has 5.17).
 """
 from __future__ import annotations
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def enable_gradient_checkpointing(model, mode) -> None:
     if not mode:
         disable_gradient_checkpointing(model)
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
 def disable_gradient_checkpointing(model) -> None:
-    if getattr(model, "is_gradient_checkpointing", False):
+    if not is_checkpointing(model):
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
         model.gradient_checkpointing_disable()
