@@ -3,9 +3,12 @@ config-driven `fastlm train` pipeline. Heavy stacks (TRL, datasets, matplotlib) 
 from .callbacks import LossPlotCallback, ThroughputCallback, save_loss_plot
 from .chat_templates import CHAT_TEMPLATES, get_chat_template, template_markers
 from .data_formats import apply_chat_template, standardize_data_formats, to_sharegpt
+from .config import TrainConfig, load_config
 from .response_masking import ResponseMaskingError, train_on_responses_only
+from .run import TrainResult, train_from_config
 from .untrained_tokens import fix_untrained_tokens
 
-__all__ = ["CHAT_TEMPLATES", "LossPlotCallback", "ResponseMaskingError", "ThroughputCallback", "apply_chat_template",
-           "fix_untrained_tokens", "get_chat_template", "save_loss_plot", "standardize_data_formats",
-           "template_markers", "to_sharegpt", "train_on_responses_only"]
+__all__ = ["CHAT_TEMPLATES", "LossPlotCallback", "ResponseMaskingError", "ThroughputCallback", "TrainConfig",
+           "TrainResult", "apply_chat_template", "fix_untrained_tokens", "get_chat_template", "load_config",
+           "save_loss_plot", "standardize_data_formats", "template_markers", "to_sharegpt", "train_from_config",
+           "train_on_responses_only"]
