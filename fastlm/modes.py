@@ -8,40 +8,45 @@ from __future__ import annotations
 
 import types
 
+from .errors import ConfigError, Problem
+from .loading.plan import GRADIENT_CHECKPOINTING_VALUES
 from .patch.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .state import base_model_of, get_state
 
 
-def for_training(model, use_gradient_checkpointing=None):
-    state = get_state(model)
+def _set_cache_and_padding(model, use_cache: bool, padding_side: str) -> None:
     base = base_model_of(model)
+    base.config.use_cache = use_cache
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.use_cache = use_cache
+    state = get_state(model)
+    if state and state.tokenizer is not None:
+        state.tokenizer.padding_side = padding_side
+
+
+def for_training(model, use_gradient_checkpointing=None):
+    """`use_gradient_checkpointing`: None keeps the model's setting (from from_pretrained / get_peft_model)."""
+    state = get_state(model)
     mode = use_gradient_checkpointing
     if mode is None:
         mode = state.use_gradient_checkpointing if state else True
+    elif mode not in GRADIENT_CHECKPOINTING_VALUES:
+        raise ConfigError("FastLanguageModel.for_training", [Problem(
+            "use_gradient_checkpointing", mode, "None, True, False or 'unsloth'", "use 'unsloth' or leave it None")])
     model.train()
     trainable = any(p.requires_grad for p in model.parameters())
     if mode and trainable:
-        enable_gradient_checkpointing(base, mode)
+        enable_gradient_checkpointing(base_model_of(model), mode)
     else:
-        disable_gradient_checkpointing(base)
-    base.config.use_cache = False
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.use_cache = False
-    if state and state.tokenizer is not None:
-        state.tokenizer.padding_side = "right"
+        disable_gradient_checkpointing(base_model_of(model))
+    _set_cache_and_padding(model, use_cache=False, padding_side="right")
     return model
 
 
 def for_inference(model):
-    state = get_state(model)
-    base = base_model_of(model)
     model.eval()
-    disable_gradient_checkpointing(base)
-    base.config.use_cache = True
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.use_cache = True
-    if state and state.tokenizer is not None:
-        state.tokenizer.padding_side = "left"
+    disable_gradient_checkpointing(base_model_of(model))
+    _set_cache_and_padding(model, use_cache=True, padding_side="left")
     return model
 
 
