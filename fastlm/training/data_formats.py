@@ -127,8 +127,9 @@ def standardize_data_formats(dataset, tokenizer=None, aliases_for_system: Sequen
     rewrites every message `{"from": "human", "value": "Hi"}` as `{"role": "user", "content": "Hi"}`, keeping the
     column's name and the other columns. Role names are matched case-insensitively against the alias lists; a role
     in none of them raises a ConfigError naming the row, the role and the lists. Data whose messages are already
-    role/content with system/user/assistant roles is returned unchanged (the same object). `tokenizer` is accepted
-    for Unsloth compatibility and unused.
+    role/content with system/user/assistant roles is returned unchanged (the same object). With a `tokenizer`, the
+    first standardized conversation is rendered by its chat template, so a template that cannot take these roles
+    (e.g. one that refuses a system turn) fails here, with the row, instead of in the middle of training.
     """
     roles = _RoleMap(aliases_for_system, aliases_for_user, aliases_for_assistant)
 
@@ -137,13 +138,30 @@ def standardize_data_formats(dataset, tokenizer=None, aliases_for_system: Sequen
         conversations = data[column] if _is_dataset(data) else [row[column] for row in data]
         keys = _message_keys(conversations[:100], "standardize_data_formats")
         if keys == ("role", "content") and all(roles.standard(c) for c in conversations):
-            return data
-        if not _is_dataset(data):
-            return [{**row, column: _convert(row[column], keys, roles, f"row {i}")} for i, row in enumerate(data)]
-        return data.map(lambda row, i: {column: _convert(row[column], keys, roles, f"row {i}")}, with_indices=True,
-                        num_proc=num_proc, desc="Standardizing conversations")
+            out = data
+        elif not _is_dataset(data):
+            out = [{**row, column: _convert(row[column], keys, roles, f"row {i}")} for i, row in enumerate(data)]
+        else:
+            out = data.map(lambda row, i: {column: _convert(row[column], keys, roles, f"row {i}")},
+                           with_indices=True, num_proc=num_proc, desc="Standardizing conversations")
+        if tokenizer is not None:
+            _check_template_renders(tokenizer, _first_row(out)[column])
+        return out
 
     return _per_split(dataset, one)
+
+
+def _check_template_renders(tokenizer, conversation) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    try:
+        tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - any template failure is reported with the row
+        p = ProblemList("standardize_data_formats")
+        p.add("tokenizer", type(tokenizer).__name__, f"its chat template cannot render row 0 of the standardized "
+              f"data ({type(exc).__name__}: {exc})", "install a template that takes these roles with "
+              "get_chat_template(tokenizer, ...), or fix the data's roles")
+        p.raise_if_any()
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -158,3 +158,15 @@ def test_pipeline_instruction_columns_to_training_text():
     data = apply_chat_template(standardize_data_formats(to_sharegpt(Dataset.from_dict(ALPACA))), tok)
     assert data["text"][1] == ("<|im_start|>user\nSay hello.<|im_end|>\n"
                                "<|im_start|>assistant\nHello!<|im_end|>\n")
+
+
+def test_standardize_with_a_tokenizer_checks_the_template_renders_the_data():
+    tok = build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                         "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    data = Dataset.from_list([{"conversations": [{"from": "system", "value": "Be brief."},
+                                                 {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}])
+    with pytest.raises(ConfigError, match="System role not supported.*get_chat_template"):
+        standardize_data_formats(data, tokenizer=tok)
+    ok = standardize_data_formats(data, tokenizer=build_tokenizer())
+    assert ok[0]["conversations"][0] == {"role": "system", "content": "Be brief."}
