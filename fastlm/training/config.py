@@ -72,7 +72,7 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    """LoRA adapters (the arguments of `FastLanguageModel.get_peft_model`); ignored with full fine-tuning."""
+    """LoRA adapters (the arguments of `FastLanguageModel.get_peft_model`); must be disabled for full fine-tuning."""
 
     enabled: bool = spec(True, "true or false", fix="false only together with model.full_finetuning: true")
     r: int = spec(16, "a positive integer", positive, "e.g. 16")
@@ -305,6 +305,9 @@ def _check_across_sections(config: TrainConfig, p: ProblemList) -> None:
     if m.full_finetuning and m.precision != "16bit":
         p.add("model.full_finetuning", True, f"full fine-tuning trains 16-bit weights; precision is {m.precision}",
               "set model.precision: 16bit, or model.full_finetuning: false for (Q)LoRA")
+    if m.full_finetuning and lora.enabled:
+        p.add("lora.enabled", True, "full fine-tuning trains every weight, so the lora section would be unused",
+              "set lora.enabled: false with model.full_finetuning: true")
     if not m.full_finetuning and not lora.enabled:
         p.add("lora.enabled", False, "with LoRA off and model.full_finetuning off, nothing would be trained",
               "set lora.enabled: true, or model.full_finetuning: true")

@@ -129,7 +129,7 @@ def load_model_for_config(config: TrainConfig):
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        logger.info("fastlm: %s is a LoRA adapter; training it further (the lora section is not used)", m.name)
+        logger.warning("fastlm: %s is a LoRA adapter; training it further (the lora section is not used)", m.name)
         return model, tokenizer
     model = FastLanguageModel.get_peft_model(
         model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -85,7 +85,7 @@ def test_contradictions_between_sections(tmp_path):
                           "trainer": {"type": "sft", "reward_functions": ["exact_match"], "beta": 0.1}},
                          ["resume=true", "output.overwrite=true"])
     problems = _problems(info.value)
-    assert {"model.full_finetuning", "data.format", "trainer.reward_functions", "trainer.beta",
+    assert {"model.full_finetuning", "lora.enabled", "data.format", "trainer.reward_functions", "trainer.beta",
             "output.overwrite"} <= set(problems)
 
     with pytest.raises(ConfigError) as info:
