@@ -136,8 +136,6 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
     fields = _lora_config_fields()
     extra = {}
     for key, value in kwargs.items():
-        if key in ("temporary_location",):
-            continue  # Unsloth's scratch path for offloaded weights; fastlm writes none
         if key not in fields or key in ("task_type", "peft_type"):
             p.add(key, value, "not an argument of get_peft_model or LoraConfig",
                   "remove it or check its spelling (e.g. use_dora=True, rank_pattern={...})")
