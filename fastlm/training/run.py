@@ -167,6 +167,10 @@ def _trl_args(config: TrainConfig, output_dir: Path, has_eval: bool):
         report_to="none", **_mixed_precision(config))
     if not torch.cuda.is_available():
         args["dataloader_pin_memory"] = False
+    # TRL's configs turn gradient checkpointing on by default; follow model.use_gradient_checkpointing instead
+    args["gradient_checkpointing"] = bool(m.use_gradient_checkpointing)
+    if m.use_gradient_checkpointing:
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if has_eval:
         args.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps)
     if "max_length" in fields:
