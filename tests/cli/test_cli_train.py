@@ -16,9 +16,9 @@ import pytest
 from fastlm.cli.main import main
 from fastlm.training.checkpoints import COMPLETE_MARKER, checkpoint_problem, find_last_complete_checkpoint
 
-BUNDLED = Path(__file__).resolve().parents[2] / "fastlm" / "data" / "quickstart.jsonl"
-
 from _cli_helpers import REPO, cli_env, fastlm_cmd, losses, run_fastlm, write_config
+
+BUNDLED = Path(__file__).resolve().parents[2] / "fastlm" / "data" / "quickstart.jsonl"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
