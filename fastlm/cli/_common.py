@@ -70,11 +70,9 @@ def load_for_inference(args):
         args.model, max_seq_length=args.max_seq_length, load_in_4bit=precision == "4bit",
         load_in_8bit=precision == "8bit", load_in_16bit=precision == "16bit")
     if args.chat_template:
-        from ..training.chat_templates import get_chat_template
+        from ..training.chat_templates import install_chat_template
 
-        tokenizer = get_chat_template(tokenizer, args.chat_template)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        tokenizer = install_chat_template(model, tokenizer, args.chat_template)
     FastLanguageModel.for_inference(model)
     return model, tokenizer
 

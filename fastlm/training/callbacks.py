@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..utils.imports import require
+from ..utils.memory import peak_rss_gb
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,12 @@ __all__ = ["ThroughputCallback", "LossPlotCallback", "save_loss_plot", "peak_mem
 _GIB = 2 ** 30
 
 
-def peak_memory_gb() -> tuple[float | None, str]:
+def peak_memory_gb() -> tuple[float, str]:
     """(peak GiB, kind): CUDA ``max_memory_allocated`` of the current device when CUDA is in use ("cuda_max_allocated"),
-    else the process's peak resident set size ("cpu_peak_rss"); (None, "unavailable") when neither can be read."""
+    else the process's peak resident set size ("cpu_peak_rss", from `utils.memory.peak_rss_gb`)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / _GIB, "cuda_max_allocated"
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None, "unavailable"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-    return peak / _GIB if sys.platform == "darwin" else peak * 1024 / _GIB, "cpu_peak_rss"
+    return peak_rss_gb(), "cpu_peak_rss"
 
 
 class ThroughputCallback(TrainerCallback):

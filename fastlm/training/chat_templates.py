@@ -394,3 +394,12 @@ def get_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
         if target is not inner and hasattr(inner, "_fastlm_added_tokens"):
             target._fastlm_added_tokens = inner._fastlm_added_tokens
     return tokenizer
+
+
+def install_chat_template(model, tokenizer, chat_template="chatml", **kwargs):
+    """`get_chat_template` for a loaded model: installs the template and grows the model's embeddings when the
+    template added tokens (its end-of-turn marker). Returns the tokenizer."""
+    tokenizer = get_chat_template(tokenizer, chat_template, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return tokenizer

@@ -119,11 +119,9 @@ def load_model_for_config(config: TrainConfig):
         use_gradient_checkpointing=m.use_gradient_checkpointing, trust_remote_code=m.trust_remote_code,
         revision=m.revision, random_state=config.training.seed)
     if m.chat_template:
-        from .chat_templates import get_chat_template
+        from .chat_templates import install_chat_template
 
-        tokenizer = get_chat_template(tokenizer, m.chat_template)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        tokenizer = install_chat_template(model, tokenizer, m.chat_template)
     if m.full_finetuning:
         return model, tokenizer
     from peft import PeftModel
@@ -298,13 +296,11 @@ def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrid
 
     kind = config.trainer.type
     if data.format in ("messages", "sharegpt", "instruction") and not getattr(tokenizer, "chat_template", None):
-        from .chat_templates import get_chat_template
+        from .chat_templates import install_chat_template
 
         logger.warning("fastlm: the tokenizer has no chat template; using chatml (set model.chat_template to "
                        "choose another)")
-        tokenizer = get_chat_template(tokenizer, "chatml")
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        tokenizer = install_chat_template(model, tokenizer, "chatml")
     train_dataset = format_for_trainer(data.train, data.format, kind, tokenizer)
     eval_dataset = format_for_trainer(data.eval, data.format, kind, tokenizer)
     if config.trainer.fix_untrained_tokens:
