@@ -14,7 +14,8 @@ class FastLMState:
     full_finetuning: bool = False
     use_gradient_checkpointing: bool | str = "unsloth"
     float32_mixed_precision: bool | None = None
-    source: Any = None
+    source: Any = None  # loading.source.ModelSource of the base model
+    adapter_source: Any = None  # ModelSource of the adapter directory, when one was loaded
 
 
 def base_model_of(model):

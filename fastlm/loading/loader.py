@@ -159,7 +159,8 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
     state = FastLMState(max_seq_length=plan.max_seq_length, tokenizer=tokenizer, spec=spec,
                         quantization=quantization, full_finetuning=plan.full_finetuning,
                         use_gradient_checkpointing=plan.use_gradient_checkpointing,
-                        float32_mixed_precision=plan.float32_mixed_precision, source=source)
+                        float32_mixed_precision=plan.float32_mixed_precision, source=source,
+                        adapter_source=adapter_source)
     set_state(model, state)
     _install_patches(model, plan)
 

@@ -1,0 +1,112 @@
+"""Writes that lose nothing: never into the directory a model was loaded from, always through a temporary
+directory that is renamed into place only when complete, with a free-space check before the first byte.
+
+Used by every fastlm save (training output, `save_pretrained`, exports).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import FastLMError
+
+
+class UnsafeWriteError(FastLMError, ValueError):
+    """A write that would overwrite the source model, a file, or fill the disk."""
+
+
+def _resolved(path) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+def source_dirs_of(model) -> list[Path]:
+    """The directories this model was loaded from (base model and, for an adapter, the adapter directory)."""
+    from ..state import get_state
+
+    dirs: list[Path] = []
+    state = get_state(model)
+    for src in (getattr(state, "source", None), getattr(state, "adapter_source", None)):
+        path = getattr(src, "path", None)
+        if path is not None:
+            dirs.append(_resolved(path))
+    return dirs
+
+
+def refuse_source_dir(target, sources, what: str = "save") -> Path:
+    """Raise if `target` is one of `sources` (paths or a model) or lies inside one. Returns the resolved target."""
+    target_path = _resolved(target)
+    paths = source_dirs_of(sources) if not isinstance(sources, (list, tuple, set)) else \
+        [_resolved(s) for s in sources]
+    for src in paths:
+        if target_path == src or src in target_path.parents:
+            raise UnsafeWriteError(
+                f"{what}: the target {str(target_path)!r} is the directory the model was loaded from "
+                f"({str(src)!r}); writing there would overwrite the source model. Fix: choose another directory, "
+                f"e.g. {str(src.parent / (src.name + '-finetuned'))!r}.")
+    return target_path
+
+
+def check_target_dir(target, what: str = "save") -> Path:
+    """The target must be a directory or not exist yet, and its nearest existing parent must be writable."""
+    path = _resolved(target)
+    if path.exists() and not path.is_dir():
+        raise UnsafeWriteError(f"{what}: {str(path)!r} is a file, not a directory. Fix: pass a directory path.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UnsafeWriteError(f"{what}: {str(parent)!r} (a parent of {str(path)!r}) is a file, not a directory. "
+                               "Fix: pass a path under a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnsafeWriteError(f"{what}: {str(parent)!r} is not writable, so {str(path)!r} cannot be written. "
+                               "Fix: choose a directory you can write to, or change its permissions.")
+    return path
+
+
+def check_free_space(target, needed_bytes: int, what: str = "save") -> None:
+    """Raise before writing when the file system holding `target` has less than `needed_bytes` free."""
+    path = _resolved(target)
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise UnsafeWriteError(
+            f"{what}: needs about {needed_bytes / 1e9:.2f} GB free at {str(path)!r}, but only {free / 1e9:.2f} GB "
+            "is free. Fix: free some space or choose a target on another disk.")
+
+
+@contextlib.contextmanager
+def atomic_directory(target, overwrite: bool = True, what: str = "save") -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one rename.
+
+    On any error the temporary directory is removed and `target` is left exactly as it was. With
+    `overwrite=False` an existing non-empty target is an error before anything is written.
+    """
+    path = check_target_dir(target, what)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UnsafeWriteError(f"{what}: {str(path)!r} already exists and is not empty. Fix: choose a new "
+                               "directory, or pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
