@@ -1,0 +1,1 @@
+"""Benchmarks: fastlm beside plain HF on random-weight models of named real shapes (train and generate)."""
