@@ -1,13 +1,24 @@
 """Public facades with Unsloth's signatures: `FastLanguageModel` and the generic `FastModel`."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import lora, modes
 from .loading.embedded import EMBEDDED_MODEL_NAME
 from .loading.loader import load_model_and_tokenizer
 from .loading.plan import DEFAULT_4BIT, build_load_plan
+from .state import base_model_of
 from .utils.memory import is_bf16_supported
+
+
+def _attach_methods(model) -> None:
+    """fastlm's methods on the transformers model and, when there is one, on its PEFT wrapper."""
+    base = base_model_of(model)
+    modes.attach_methods(base)
+    if base is not model:
+        modes.attach_methods(model)
 
 
 def _cuda_capability():
@@ -47,9 +58,17 @@ class FastLanguageModel:
             disable_log_stats=disable_log_stats, qat_scheme=qat_scheme, load_in_fp8=load_in_fp8,
             unsloth_tiled_mlp=unsloth_tiled_mlp, extra_args=args, kwargs=kwargs, on_cuda=on_cuda,
             bf16_ok=is_bf16_supported(), cuda_capability=_cuda_capability())
-        return load_model_and_tokenizer(plan, auto_model=auto_model)
+        model, tokenizer = load_model_and_tokenizer(plan, auto_model=auto_model)
+        _attach_methods(model)
+        return model, tokenizer
 
-    get_peft_model = staticmethod(lora.get_peft_model)
+    @staticmethod
+    @functools.wraps(lora.get_peft_model)
+    def get_peft_model(model, *args, **kwargs):
+        model = lora.get_peft_model(model, *args, **kwargs)
+        _attach_methods(model)
+        return model
+
     for_training = staticmethod(modes.for_training)
     for_inference = staticmethod(modes.for_inference)
 

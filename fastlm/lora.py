@@ -168,9 +168,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
             state.max_seq_length = max_seq_length
         set_state(peft_model, state)
 
-    from .modes import attach_methods
+    from .patch import refresh_after_lora
 
-    attach_methods(peft_model)
+    refresh_after_lora(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("fastlm: LoRA r=%d on %s; %s trainable parameters", r, targets, f"{trainable:,}")
     return peft_model

@@ -1,5 +1,5 @@
 """Gemma: (1 + w) RMSNorm, tanh-GELU gated MLP, embeddings scaled by sqrt(hidden_size)."""
-from .registry import ArchSpec, register
+from .spec import ArchSpec
 
-SPEC = register(ArchSpec(family="gemma", model_types=("gemma",), norm="rms_plus_one", activation="gelu_tanh",
-                         embedding_scale="sqrt_hidden"))
+SPEC = ArchSpec(family="gemma", model_types=("gemma",), norm="rms_plus_one", activation="gelu_tanh",
+                         embedding_scale="sqrt_hidden")

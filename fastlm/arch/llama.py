@@ -1,4 +1,4 @@
 """Llama (1/2/3.x), SmolLM: RMSNorm, SiLU-gated MLP, rotate-half RoPE."""
-from .registry import ArchSpec, register
+from .spec import ArchSpec
 
-SPEC = register(ArchSpec(family="llama", model_types=("llama",)))
+SPEC = ArchSpec(family="llama", model_types=("llama",))

@@ -1,4 +1,4 @@
 """Mistral: Llama layout with an optional sliding attention window."""
-from .registry import ArchSpec, register
+from .spec import ArchSpec
 
-SPEC = register(ArchSpec(family="mistral", model_types=("mistral",), sliding_window_attr="sliding_window"))
+SPEC = ArchSpec(family="mistral", model_types=("mistral",), sliding_window_attr="sliding_window")

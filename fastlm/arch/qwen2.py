@@ -1,4 +1,4 @@
 """Qwen2 / Qwen2.5: Llama layout with q/k/v biases and an optional sliding window."""
-from .registry import ArchSpec, register
+from .spec import ArchSpec
 
-SPEC = register(ArchSpec(family="qwen2", model_types=("qwen2",), sliding_window_attr="sliding_window"))
+SPEC = ArchSpec(family="qwen2", model_types=("qwen2",), sliding_window_attr="sliding_window")

@@ -1,5 +1,5 @@
 """Qwen3: Llama layout plus RMSNorm on queries and keys per head (q_norm, k_norm)."""
-from .registry import ArchSpec, register
+from .spec import ArchSpec
 
-SPEC = register(ArchSpec(family="qwen3", model_types=("qwen3",), qk_norm=True,
-                         sliding_window_attr="sliding_window"))
+SPEC = ArchSpec(family="qwen3", model_types=("qwen3",), qk_norm=True,
+                         sliding_window_attr="sliding_window")

@@ -162,11 +162,7 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
                         float32_mixed_precision=plan.float32_mixed_precision, source=source,
                         adapter_source=adapter_source)
     set_state(model, state)
-    _install_patches(model, plan)
-
-    from ..modes import attach_methods
-
-    attach_methods(model)
+    _install_patches(model, plan, quantization)
     if plan.full_finetuning:
         from ..patch.checkpointing import enable_gradient_checkpointing
 
@@ -176,8 +172,10 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
     if adapter_source is not None:
         from peft import PeftModel
 
+        from ..patch import refresh_after_lora
+
         model = PeftModel.from_pretrained(model, str(adapter_source.path), is_trainable=True)
-        attach_methods(model)
+        refresh_after_lora(model)
     return model, tokenizer
 
 
@@ -198,19 +196,8 @@ def _resize_embeddings(model, tokenizer, added: list[str], resize_model_vocab: i
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _install_patches(model, plan: LoadPlan) -> None:
-    from ..patch.bnb_cpu import keep_cpu_4bit_trainable
+def _install_patches(model, plan: LoadPlan, quantization: str | None) -> None:
+    from ..patch import PatchOptions, apply
 
-    keep_cpu_4bit_trainable(model)
-    if plan.quantization in ("fp8-row", "fp8-block"):
-        from ..patch.fp8_backward import install_fp8_backward
-
-        install_fp8_backward(model)
-    if plan.offload_embedding:
-        from ..patch.offload_embedding import offload_embedding
-
-        offload_embedding(model)
-    if plan.unsloth_tiled_mlp:
-        from ..patch.tiled_mlp import install_tiled_mlp
-
-        install_tiled_mlp(model)
+    apply(model, PatchOptions(quantization=quantization, offload_embedding=plan.offload_embedding,
+                              tiled_mlp=plan.unsloth_tiled_mlp))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from .patchset import chain, replace_attr
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,12 +24,15 @@ def _linear4bit_layers(model):
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
-def keep_cpu_4bit_trainable(model) -> int:
-    """Disable the in-place CPU repacking and undo it where it already happened. Returns layers touched."""
+def keep_cpu_4bit_trainable(model):
+    """Disable the in-place CPU repacking and undo it where it already happened. Returns the undo (which gives
+    back each layer's own repacking flag; the restored weight layout holds the same values), or None when the
+    model has no CPU 4-bit layers."""
     layers = [m for m in _linear4bit_layers(model) if m.weight.device.type == "cpu"]
     restored = 0
+    undos = []
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
+        undos.append(replace_attr(layer, "support_avx512bf16_for_cpu", False))
         state = getattr(layer.weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -38,4 +43,4 @@ def keep_cpu_4bit_trainable(model) -> int:
     if restored:
         logger.warning("fastlm: restored %d bitsandbytes 4-bit layers from the CPU inference layout so they can be "
                        "trained (their scales were rounded to bf16 by that layout)", restored)
-    return len(layers)
+    return chain(undos)

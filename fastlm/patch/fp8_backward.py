@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .patchset import chain, replace_attr
+
 
 class FP8FrozenLinearFunction(torch.autograd.Function):
     """y = linear_fp8(x) with dL/dx = dL/dy @ dequant(W); x: (..., in), W: (out, in)."""
@@ -31,13 +33,13 @@ def _is_fp8_weight(weight) -> bool:
         torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def install_fp8_backward(model) -> int:
-    """Patch every linear with an FP8 weight on this instance. Returns how many were patched."""
-    count = 0
+def install_fp8_backward(model):
+    """Patch every linear with an FP8 weight on this instance. Returns the undo, or None when there is none."""
+    undos = []
     for module in model.modules():
         if isinstance(module, nn.Linear) and _is_fp8_weight(module.weight) and \
-                not hasattr(module, "_fastlm_fp8_forward"):
-            module._fastlm_fp8_forward = module.forward
-            module.forward = (lambda mod: (lambda x: FP8FrozenLinearFunction.apply(x, mod)))(module)
-            count += 1
-    return count
+                "_fastlm_fp8_forward" not in module.__dict__:
+            undos.append(replace_attr(module, "_fastlm_fp8_forward", module.forward))
+            undos.append(replace_attr(module, "forward",
+                                      (lambda mod: (lambda x: FP8FrozenLinearFunction.apply(x, mod)))(module)))
+    return chain(undos)

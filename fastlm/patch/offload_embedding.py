@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..errors import ConfigError, Problem
 
 
-def offload_embedding(model) -> None:
+def offload_embedding(model):
+    """Move the input embedding to CPU with device-moving hooks. Returns the undo (hooks removed, table moved back)."""
     embed = model.get_input_embeddings()
     out = model.get_output_embeddings()
     if out is not None and out.weight is embed.weight:
@@ -21,6 +22,11 @@ def offload_embedding(model) -> None:
     def to_gpu(module, args, output):
         return output.to(device, non_blocking=True)
 
-    embed.register_forward_pre_hook(to_cpu)
-    embed.register_forward_hook(to_gpu)
-    embed._fastlm_offloaded_from = device
+    handles = [embed.register_forward_pre_hook(to_cpu), embed.register_forward_hook(to_gpu)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        embed.to(device)
+
+    return undo

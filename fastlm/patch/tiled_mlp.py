@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .patchset import chain, replace_attr
+
 DEFAULT_CHUNK_TOKENS = 4096
 
 
@@ -24,21 +26,13 @@ def tiled_forward(mlp_forward, hidden_states: torch.Tensor, chunk_tokens: int) -
     return torch.cat(outs, dim=0).reshape(*shape[:-1], -1)
 
 
-def install_tiled_mlp(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
-    """Replace the forward of every decoder layer's `mlp` on this instance. Returns how many were patched."""
-    count = 0
+def install_tiled_mlp(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """Wrap the forward of every decoder layer's `mlp` on this instance (whatever forward it has now, fused ones
+    included). Returns the undo, or None when the model has no `.mlp` modules."""
+    undos = []
     for name, module in model.named_modules():
         if name.endswith(".mlp") and hasattr(module, "forward"):
-            original = module.forward
-            module._fastlm_original_forward = original
-            module.forward = (lambda orig: (lambda x: tiled_forward(orig, x, chunk_tokens)))(original)
-            count += 1
-    return count
-
-
-def remove_tiled_mlp(model) -> None:
-    for module in model.modules():
-        original = getattr(module, "_fastlm_original_forward", None)
-        if original is not None:
-            module.forward = original
-            del module._fastlm_original_forward
+            inner = module.forward
+            undos.append(replace_attr(module, "forward",
+                                      (lambda orig: (lambda x: tiled_forward(orig, x, chunk_tokens)))(inner)))
+    return chain(undos)

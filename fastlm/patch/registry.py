@@ -1,0 +1,43 @@
+"""The ordered list of patches `fastlm.patch.apply` installs. Order matters: a later patch wraps what an earlier
+one installed (tiled MLP wraps whichever MLP forward is in place), and `remove` undoes in reverse."""
+from __future__ import annotations
+
+from .patchset import Patch, PatchOptions
+
+
+def _bnb_cpu(model, arch, options: PatchOptions):
+    from .bnb_cpu import keep_cpu_4bit_trainable
+
+    return keep_cpu_4bit_trainable(model)
+
+
+def _fp8_backward(model, arch, options: PatchOptions):
+    if options.quantization not in ("fp8-row", "fp8-block"):
+        return None
+    from .fp8_backward import install_fp8_backward
+
+    return install_fp8_backward(model)
+
+
+def _offload_embedding(model, arch, options: PatchOptions):
+    if not options.offload_embedding:
+        return None
+    from .offload_embedding import offload_embedding
+
+    return offload_embedding(model)
+
+
+def _tiled_mlp(model, arch, options: PatchOptions):
+    if not options.tiled_mlp:
+        return None
+    from .tiled_mlp import install_tiled_mlp
+
+    return install_tiled_mlp(model)
+
+
+PATCHES: list[Patch] = [
+    Patch("bnb_cpu_trainable", _bnb_cpu),
+    Patch("fp8_backward", _fp8_backward),
+    Patch("offload_embedding", _offload_embedding),
+    Patch("tiled_mlp", _tiled_mlp, follows_lora=True),
+]
