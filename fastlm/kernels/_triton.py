@@ -66,7 +66,7 @@ def force_triton(on: bool = True) -> Iterator[None]:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the op should launch its Triton kernel for these tensors (all CUDA, or forced under the interpreter)."""
+    """True when the op should launch its Triton kernel: all tensors on CUDA, or forced under the interpreter."""
     if _FORCE["on"]:
         if not HAS_TRITON:
             raise MissingDependencyError("triton", "force_triton()", 'pip install "fastlm[test]"')

@@ -87,7 +87,7 @@ def causal_lm_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | 
     if (labels is None) == (shift_labels is None):
         raise ConfigError("causal LM loss", [Problem(
             "labels/shift_labels", "both given" if labels is not None else "neither given",
-            "exactly one of them", "pass labels (shifted here as transformers does) or shift_labels (already aligned)")])
+            "exactly one of them", "pass labels (shifted here as transformers does) or shift_labels (aligned)")])
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return shift_labels.reshape(-1)

@@ -43,3 +43,12 @@ def assert_close(actual, expected, dtype, grad=False, scale=None):
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
+
+
+def forward_backward(fn, inputs, grad_outputs):
+    """Run fn on fresh leaf copies of inputs, backprop grad_outputs; returns (*outputs, *input grads)."""
+    leaves = [leaf(t) for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grad_outputs if isinstance(grad_outputs, tuple) else (grad_outputs,))
+    return (*outs, *(x.grad for x in leaves))

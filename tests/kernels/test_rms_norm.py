@@ -1,7 +1,7 @@
 """RMSNorm kernel vs the torch reference and vs transformers' LlamaRMSNorm / GemmaRMSNorm, forward and backward."""
 import pytest
 import torch
-from conftest import DTYPES, assert_close, kernel_module, leaf
+from conftest import DTYPES, assert_close, forward_backward, kernel_module, leaf
 
 from fastlm.errors import ConfigError
 from fastlm.kernels._triton import force_triton
@@ -9,13 +9,6 @@ from fastlm.kernels.reference import rms_norm_reference
 
 SHAPES = [(3, 5, 37), (1, 1, 1), (2, 4100), (2, 3, 4, 16)]  # non-pow2, tiny, long row, q-norm (b, s, h, d)
 VARIANTS = [("llama", 0.0), ("gemma", 1.0), ("llama", 1.0)]
-
-
-def _run(fn, x, w, dy):
-    x, w = leaf(x), leaf(w)
-    y = fn(x, w)
-    y.backward(dy)
-    return y, x.grad, w.grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -28,8 +21,8 @@ def test_rms_norm_matches_reference(shape, dtype, cast, offset):
     w = (torch.randn(shape[-1]) * 0.5 + (0 if offset else 1)).to(dtype)
     dy = torch.randn(shape, dtype=dtype)
     with force_triton():
-        y, dx, dw = _run(lambda a, b: mod.rms_norm(a, b, 1e-6, offset, cast), x, w, dy)
-    y_ref, dx_ref, dw_ref = _run(lambda a, b: rms_norm_reference(a, b, 1e-6, offset, cast), x, w, dy)
+        y, dx, dw = forward_backward(lambda a, b: mod.rms_norm(a, b, 1e-6, offset, cast), (x, w), dy)
+    y_ref, dx_ref, dw_ref = forward_backward(lambda a, b: rms_norm_reference(a, b, 1e-6, offset, cast), (x, w), dy)
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype)
     assert_close(dx, dx_ref, dtype, grad=True, scale="max")
@@ -53,7 +46,8 @@ def test_rms_norm_matches_transformers_modules(dtype):
         y_hf = hf(x_hf)
         y_hf.backward(dy)
         with force_triton():
-            y, dx, dw = _run(lambda a, b: mod.rms_norm(a, b, 1e-5, offset, cast), x, hf.weight.detach(), dy)
+            y, dx, dw = forward_backward(lambda a, b: mod.rms_norm(a, b, 1e-5, offset, cast),
+                                         (x, hf.weight.detach()), dy)
         assert y.dtype == y_hf.dtype
         assert_close(y, y_hf, dtype)
         assert_close(dx, x_hf.grad, dtype, grad=True, scale="max")

@@ -2,7 +2,7 @@
 rotary modules for every rope_type, packed position_ids, GQA and Phi-3's partial rotary."""
 import pytest
 import torch
-from conftest import DTYPES, assert_close, kernel_module, leaf
+from conftest import DTYPES, assert_close, forward_backward, kernel_module
 
 from fastlm.errors import ConfigError
 from fastlm.kernels._triton import force_triton
@@ -35,20 +35,13 @@ def _cos_sin(family: str, rope_parameters: dict, position_ids: torch.Tensor, dty
     return cos, sin, modeling.apply_rotary_pos_emb
 
 
-def _rope_grads(fn, q, k, dq, dk):
-    q, k = leaf(q), leaf(k)
-    qo, ko = fn(q, k)
-    torch.autograd.backward((qo, ko), (dq, dk))
-    return qo, ko, q.grad, k.grad
-
-
 def _check_against(mod, q, k, cos, sin, hf_apply, dtype):
     torch.manual_seed(5)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     with force_triton():
-        got = _rope_grads(lambda a, b: mod.apply_rope(a, b, cos, sin), q, k, dq, dk)
-    ref = _rope_grads(lambda a, b: apply_rope_reference(a, b, cos, sin), q, k, dq, dk)
-    hf = _rope_grads(lambda a, b: hf_apply(a, b, cos, sin), q, k, dq, dk)
+        got = forward_backward(lambda a, b: mod.apply_rope(a, b, cos, sin), (q, k), (dq, dk))
+    ref = forward_backward(lambda a, b: apply_rope_reference(a, b, cos, sin), (q, k), (dq, dk))
+    hf = forward_backward(lambda a, b: hf_apply(a, b, cos, sin), (q, k), (dq, dk))
     for g, r, h in zip(got, ref, hf):
         assert g.shape == h.shape and g.dtype == h.dtype
         assert_close(g, r, dtype)
