@@ -21,16 +21,25 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2)}
 DTYPES = [torch.float32, torch.float16]
 
 
-def kernel_module(name: str):
-    """fastlm.kernels.<name>, with its kernels running under the Triton interpreter."""
+def _interpreted(name: str) -> tuple[object, bool]:
+    """(module, whether it had to be reloaded so that its kernels run under the interpreter)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     mod = importlib.import_module(f"fastlm.kernels.{name}")
     kernels = [v for k, v in vars(mod).items() if k.startswith("_") and k.endswith("_kernel")]
     assert kernels, f"no kernels found in fastlm.kernels.{name}"
-    if not all(isinstance(k, InterpretedFunction) for k in kernels):
-        mod = importlib.reload(mod)
-    return mod
+    if all(isinstance(k, InterpretedFunction) for k in kernels):
+        return mod, False
+    return importlib.reload(mod), True
+
+
+def kernel_module(name: str, uses: tuple[str, ...] = ()):
+    """fastlm.kernels.<name>, with its kernels (or those of the modules it `uses`) running under the interpreter."""
+    if not uses:
+        return _interpreted(name)[0]
+    reloaded = [_interpreted(u)[1] for u in uses]
+    mod = importlib.import_module(f"fastlm.kernels.{name}")
+    return importlib.reload(mod) if any(reloaded) else mod
 
 
 def assert_close(actual, expected, dtype, grad=False, scale=None):
