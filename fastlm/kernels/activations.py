@@ -33,15 +33,18 @@ def _act_and_grad(g, ACT: tl.constexpr):
     """(act(g), act'(g)) in fp32."""
     if ACT == 0:
         s = tl.sigmoid(g)
-        return g * s, s * (1.0 + g * (1.0 - s))
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
     elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))  # 1/sqrt(2)
+        a = g * cdf
+        da = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1/sqrt(2*pi)
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi)
         t = _tanh(inner)
-        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * dinner
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    return a, da
 
 
 @jit
