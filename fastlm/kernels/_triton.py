@@ -1,0 +1,110 @@
+"""Shared Triton plumbing for the kernel modules: availability, dispatch, launch sizes.
+
+Dispatch rule of every op: CUDA tensors run the Triton kernel, anything else runs the pure-torch reference in
+`kernels/reference.py`. Tests force the Triton path on CPU tensors with `force_triton()`, which needs the Triton
+interpreter (`TRITON_INTERPRET=1` set before the kernel modules are imported).
+
+Triton is optional: without it the kernel modules still import (their `@jit` kernels become stubs that raise
+`MissingDependencyError` when launched) and every op runs its reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import MissingDependencyError, UnsupportedFeatureError
+
+try:  # pragma: no cover - exercised by whichever branch the machine has
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    HAS_TRITON = False
+
+    class _LanguageStub:
+        """Stands in for triton.language so kernel signatures (`BLOCK: tl.constexpr`) still evaluate."""
+
+        constexpr = object
+        float32 = float16 = bfloat16 = int32 = int64 = None
+
+    tl = _LanguageStub()
+
+_FORCE = {"on": os.environ.get("FASTLM_FORCE_TRITON", "") == "1"}
+
+
+def jit(fn):
+    """`triton.jit`, or a stub that explains the missing package when the kernel is launched."""
+    if HAS_TRITON:
+        return triton.jit(fn)
+
+    class _Missing:
+        def __getitem__(self, grid):
+            raise MissingDependencyError("triton", f"the Triton kernel {fn.__name__}", "pip install triton")
+
+    return _Missing()
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@contextlib.contextmanager
+def force_triton(on: bool = True) -> Iterator[None]:
+    """Run the Triton kernels on CPU tensors too (tests). Needs TRITON_INTERPRET=1 before kernels are imported."""
+    old = _FORCE["on"]
+    _FORCE["on"] = on
+    try:
+        yield
+    finally:
+        _FORCE["on"] = old
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the op should launch its Triton kernel: all tensors on CUDA, or forced under the interpreter."""
+    if _FORCE["on"]:
+        if not HAS_TRITON:
+            raise MissingDependencyError("triton", "force_triton()", 'pip install "fastlm[test]"')
+        if not interpreter_on() and not all(t.is_cuda for t in tensors):
+            raise UnsupportedFeatureError(
+                "force_triton() got CPU tensors but TRITON_INTERPRET is not '1'. Fix: set TRITON_INTERPRET=1 in the "
+                "environment before fastlm.kernels modules are imported, or pass CUDA tensors.")
+        return True
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def program_count(device: torch.device, n_rows: int, per_sm: int = 4) -> int:
+    """How many persistent programs to launch for `n_rows` rows (a few per SM on CUDA, few under the interpreter)."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, _sm_count(device.index or 0) * per_sm))
+    return max(1, min(n_rows, 2))
+
+
+def num_warps_for(block: int) -> int:
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (rows, n) with a unit last stride (copies only when the layout needs it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
