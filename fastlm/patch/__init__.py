@@ -3,14 +3,10 @@ ordered list; `remove(model)` gives back the plain transformers model bit-for-bi
 in transformers, PEFT or TRL: every change lives on one model instance."""
 from __future__ import annotations
 
+from ..state import base_model_of
 from .patchset import Patch, PatchOptions, PatchSet, Undo, chain, replace_attr
 
 _ATTR = "_fastlm_patches"
-
-
-def _base(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _arch_of(model):
@@ -33,13 +29,13 @@ def _patches() -> list[Patch]:
 
 def patch_set(model) -> PatchSet | None:
     """The PatchSet installed on this model (through PEFT wrappers), or None."""
-    return _base(model).__dict__.get(_ATTR)
+    return base_model_of(model).__dict__.get(_ATTR)
 
 
 def apply(model, options: PatchOptions | None = None) -> PatchSet:
     """Install every patch that fits this model and is not installed yet. `options` default to the ones of an
     earlier `apply` on this model (or PatchOptions())."""
-    base = _base(model)
+    base = base_model_of(model)
     ps = patch_set(base)
     if ps is None:
         ps = PatchSet(options=options or PatchOptions(), arch=_arch_of(base))
@@ -58,7 +54,7 @@ def apply(model, options: PatchOptions | None = None) -> PatchSet:
 
 def remove(model, names=None) -> list[str]:
     """Undo installed patches (all, or only `names`) in reverse order. Returns the names removed."""
-    base = _base(model)
+    base = base_model_of(model)
     ps = patch_set(base)
     if ps is None:
         return []

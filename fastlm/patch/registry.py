@@ -2,6 +2,7 @@
 one installed (tiled MLP wraps whichever MLP forward is in place), and `remove` undoes in reverse."""
 from __future__ import annotations
 
+from ..state import base_model_of
 from .patchset import Patch, PatchOptions
 
 
@@ -27,6 +28,14 @@ def _offload_embedding(model, arch, options: PatchOptions):
     return offload_embedding(model)
 
 
+def _fused_loss(model, arch, options: PatchOptions):
+    if not options.fast_kernels:
+        return None
+    from .loss import install_fused_loss
+
+    return install_fused_loss(base_model_of(model), arch)
+
+
 def _tiled_mlp(model, arch, options: PatchOptions):
     if not options.tiled_mlp:
         return None
@@ -39,5 +48,6 @@ PATCHES: list[Patch] = [
     Patch("bnb_cpu_trainable", _bnb_cpu),
     Patch("fp8_backward", _fp8_backward),
     Patch("offload_embedding", _offload_embedding),
+    Patch("fused_loss", _fused_loss),
     Patch("tiled_mlp", _tiled_mlp, follows_lora=True),
 ]

@@ -1,0 +1,143 @@
+"""The training loss straight from the last hidden states (fused linear cross-entropy), never materialising the
+[tokens, vocab] logits, installed on one `*ForCausalLM` instance.
+
+The fused path runs when the forward is given `labels` with gradients enabled (a training step). Its output is a
+real `CausalLMOutputWithPast` whose `logits` are computed from the kept hidden states the first time anybody asks
+for them (`out.logits`, `out["logits"]`, `out[1]`, `out.to_tuple()`), so evaluation, `compute_metrics` and TRL's
+token-accuracy metric still see real logits. Without labels, without gradients (evaluation, generation), with
+`logits_to_keep`, or when lm_head is not a plain linear (LoRA on lm_head, quantized), the original forward runs.
+The loss equals transformers' `ForCausalLMLoss` (ignore_index, `num_items_in_batch`, `shift_labels`, Gemma 2's
+final logit soft-cap), so gradient accumulation stays exact.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+
+import torch
+from torch import nn
+
+from .patchset import replace_attr
+
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _lazy_output_class():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class LazyLogitsCausalLMOutput(CausalLMOutputWithPast):
+        """CausalLMOutputWithPast whose logits are computed on first access (same values as the plain forward)."""
+
+        def _materialize(self) -> None:
+            fn = self.__dict__.pop("_fastlm_logits_fn", None)
+            if fn is None:
+                return
+            logits = fn()
+            collections.OrderedDict.__setitem__(self, "logits", logits)
+            object.__setattr__(self, "logits", logits)
+            for key in [k for k in list(collections.OrderedDict.keys(self)) if k not in ("loss", "logits")]:
+                collections.OrderedDict.move_to_end(self, key)
+
+        def __getattribute__(self, name):
+            if name == "logits":
+                object.__getattribute__(self, "_materialize")()
+            return object.__getattribute__(self, name)
+
+        def __getitem__(self, k):
+            self._materialize()
+            return super().__getitem__(k)
+
+        def to_tuple(self):
+            self._materialize()
+            return super().to_tuple()
+
+        def keys(self):
+            self._materialize()
+            return super().keys()
+
+        def values(self):
+            self._materialize()
+            return super().values()
+
+        def items(self):
+            self._materialize()
+            return super().items()
+
+        def __iter__(self):
+            self._materialize()
+            return super().__iter__()
+
+        def __len__(self):
+            self._materialize()
+            return super().__len__()
+
+        def __contains__(self, key):
+            self._materialize()
+            return super().__contains__(key)
+
+    return LazyLogitsCausalLMOutput
+
+
+_LAZY_CLASS = None
+
+
+def _linear_weight(module):
+    """(weight, bias) of a plain linear lm_head, also behind PEFT's ModulesToSaveWrapper; None otherwise."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        if getattr(module, "disable_adapters", False) or not module.active_adapters:
+            module = module.original_module
+        elif len(module.active_adapters) == 1 and module.active_adapters[0] in module.modules_to_save:
+            module = module.modules_to_save[module.active_adapters[0]]
+        else:
+            return None
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    return None
+
+
+def install_fused_loss(model, arch) -> object | None:
+    """Install on a `*ForCausalLM` with `.model` and `.lm_head` and a fastlm ArchConfig. Returns the undo."""
+    global _LAZY_CLASS
+    if arch is None or not hasattr(model, "lm_head") or not hasattr(model, "model") or \
+            not type(model).__name__.endswith("ForCausalLM"):
+        return None
+    from ..kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    _LAZY_CLASS = _LAZY_CLASS or _lazy_output_class()
+    original = model.forward
+    params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+    softcap = arch.final_logit_softcap
+
+    def forward(*args, **kwargs):
+        for name, value in zip(params, args):
+            kwargs[name] = value
+        labels = kwargs.get("labels")
+        weights = _linear_weight(model.lm_head)
+        if labels is None or not torch.is_grad_enabled() or weights is None or kwargs.get("logits_to_keep"):
+            return original(**kwargs)
+        kwargs.pop("labels")
+        kwargs.pop("logits_to_keep", None)
+        loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = model.model(**kwargs)
+        hidden = outputs.last_hidden_state
+        weight, bias = weights
+        shift_labels = loss_kwargs.get("shift_labels")
+        loss = fused_linear_cross_entropy(hidden, weight, labels=labels if shift_labels is None else None,
+                                          bias=bias, softcap=softcap,
+                                          ignore_index=loss_kwargs.get("ignore_index", -100),
+                                          num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
+                                          shift_labels=shift_labels)
+
+        def logits():
+            out = model.lm_head(hidden)
+            if softcap is not None:
+                out = torch.tanh(out / softcap) * softcap
+            return out
+
+        result = _LAZY_CLASS(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        object.__setattr__(result, "_fastlm_logits_fn", logits)
+        return result.to_tuple() if return_dict is False else result
+
+    return replace_attr(model, "forward", forward)
