@@ -28,6 +28,22 @@ def _offload_embedding(model, arch, options: PatchOptions):
     return offload_embedding(model)
 
 
+def _fast_norms(model, arch, options: PatchOptions):
+    if not options.fast_kernels:
+        return None
+    from .norms import install_fast_norms
+
+    return install_fast_norms(base_model_of(model), arch)
+
+
+def _fast_attention(model, arch, options: PatchOptions):
+    if not options.fast_kernels:
+        return None
+    from .attention import install_fast_attention
+
+    return install_fast_attention(base_model_of(model), arch)
+
+
 def _fused_loss(model, arch, options: PatchOptions):
     if not options.fast_kernels:
         return None
@@ -48,6 +64,8 @@ PATCHES: list[Patch] = [
     Patch("bnb_cpu_trainable", _bnb_cpu),
     Patch("fp8_backward", _fp8_backward),
     Patch("offload_embedding", _offload_embedding),
+    Patch("fast_norms", _fast_norms),
+    Patch("fast_attention", _fast_attention, follows_lora=True),
     Patch("fused_loss", _fused_loss),
     Patch("tiled_mlp", _tiled_mlp, follows_lora=True),
 ]
