@@ -50,7 +50,7 @@ def _ce_kernel(LOGITS, TARGETS, LOSS, LSE, GRAD, GRAD_SCALE, stride_l, stride_g,
     row_ptr = LOGITS + row * stride_l
     offs = tl.arange(0, BLOCK)
     if COMPUTE_LSE:
-        m = -float("inf")
+        m = float("-inf")
         d = 0.0
         z_target = 0.0
         for start in range(0, n_cols, BLOCK):
@@ -58,7 +58,7 @@ def _ce_kernel(LOGITS, TARGETS, LOSS, LSE, GRAD, GRAD_SCALE, stride_l, stride_g,
             mask = cols < n_cols
             x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, _ = _softcapped(x, softcap, scale, HAS_SCALE, HAS_SOFTCAP)
-            z = tl.where(mask, z, -float("inf"))
+            z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new

@@ -74,9 +74,21 @@ def test_frozen_lm_head_shift_labels_and_tiny_input():
 
 def test_chunk_rows_keeps_the_fp32_chunk_within_budget():
     mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
-    assert mod.chunk_rows(8192, 128256, 256 * 2**20) == 523  # 523 * 128256 * 4 bytes <= 256 MiB < 524 * ...
+    assert mod.chunk_rows(8192, 128256, 256 * 2**20) == 512  # 523 fp32 rows fit in 256 MiB; 64-multiple
+    assert mod.chunk_rows(8192, 128256, 20 * 2**20) == 40  # 40 * 128256 * 4 bytes <= 20 MiB < 41 * ...
     assert mod.chunk_rows(10, 128256, 1) == 1
     assert mod.chunk_rows(10, 100, 2**30) == 10
+
+
+def test_no_grad_evaluation_gives_the_same_loss():
+    mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
+    hidden, weight, _, labels = _inputs(torch.float32, seed=4)
+    hidden.requires_grad_(True)
+    with torch.no_grad(), force_triton():
+        loss = mod.fused_linear_cross_entropy(hidden, weight, labels, chunk_bytes=3 * 4 * VOCAB)
+    assert loss.grad_fn is None
+    assert_close(loss, fused_linear_cross_entropy_reference(hidden, weight, labels).detach(), torch.float32,
+                 grad=True)
 
 
 def test_fused_linear_ce_bad_arguments_name_the_fix():
