@@ -13,9 +13,9 @@ IGNORE = -100
 
 
 def _targets(n, vocab, n_ignored=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (n,), generator=g)
-    t[torch.randperm(n, generator=g)[:n_ignored]] = IGNORE
+    torch.manual_seed(seed)
+    t = torch.randint(0, vocab, (n,))
+    t[torch.randperm(n)[:n_ignored]] = IGNORE
     return t
 
 
