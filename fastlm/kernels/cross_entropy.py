@@ -118,6 +118,14 @@ def loss_denominator(targets: torch.Tensor, num_items_in_batch, ignore_index: in
     return torch.tensor(float(num_items_in_batch), device=device)
 
 
+def assert_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Fail (without a host sync: an async device assert on CUDA) when a target is neither in [0, vocab) nor
+    ignore_index; the kernel would otherwise silently use logsumexp as that row's loss, where torch raises."""
+    ok = ((targets >= 0) & (targets < vocab)) | (targets == ignore_index)
+    torch._assert_async(ok.all(), f"cross-entropy targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                                  "fix the labels (or the ignore_index) passed to the loss")
+
+
 def check_loss_args(context: str, ignore_index, softcap, scale, num_items_in_batch) -> None:
     problems = []
     if softcap is not None and not float(softcap) > 0:
@@ -175,6 +183,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return cross_entropy_reference(flat, targets, ignore_index, num_items_in_batch, softcap, scale)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
+    assert_targets_in_range(targets, flat.shape[-1], ignore_index)
     return CrossEntropyFunction.apply(flat, targets.contiguous(), ignore_index, num_items_in_batch, softcap, scale,
                                       bool(inplace_backward))
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError, Problem
 from ._triton import use_triton
-from .cross_entropy import ce_launch, check_loss_args, loss_denominator
+from .cross_entropy import assert_targets_in_range, ce_launch, check_loss_args, loss_denominator
 from .reference import causal_lm_targets, fused_linear_cross_entropy_reference
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -139,6 +139,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, num_items_in_batch,
                                                     shift_labels, softcap, scale)
     targets = causal_lm_targets(labels, shift_labels, ignore_index).to(hidden.device).contiguous()
+    assert_targets_in_range(targets, weight.shape[0], ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return FusedLinearCrossEntropyFunction.apply(flat, weight, bias, targets, ignore_index, num_items_in_batch,
                                                  softcap, scale, chunk_bytes, torch.is_grad_enabled())

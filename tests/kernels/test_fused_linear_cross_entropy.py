@@ -3,7 +3,7 @@ materialising torch reference: loss and the gradients of hidden, weight and bias
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_close, forward_backward, kernel_module
+from conftest import CUDA, DTYPES, assert_close, forward_backward, kernel_module
 
 from fastlm.errors import ConfigError
 from fastlm.kernels._triton import force_triton
@@ -100,3 +100,6 @@ def test_fused_linear_ce_bad_arguments_name_the_fix():
         mod.fused_linear_cross_entropy(hidden, weight, labels[:, :4])
     with pytest.raises(ConfigError, match="chunk_bytes=0"):
         mod.fused_linear_cross_entropy(hidden, weight, labels, chunk_bytes=0)
+    if not CUDA:  # a device-side assert on CUDA
+        with pytest.raises(RuntimeError, match="targets must be in"), force_triton():
+            mod.fused_linear_cross_entropy(hidden, weight, labels + VOCAB)
