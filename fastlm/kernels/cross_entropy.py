@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, Problem
-from ._triton import interpreter_on, jit, next_pow2, tl, use_triton
+from ._triton import device_guard, interpreter_on, jit, next_pow2, tl, use_triton
 from .reference import causal_lm_targets, cross_entropy_reference
 
 MAX_BLOCK = 8192
@@ -99,7 +99,9 @@ def ce_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, so
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     write_grad = grad is not None
     block = _block(n_cols)
-    if n_rows:
+    if not n_rows:
+        return loss_rows, lse
+    with device_guard(logits):
         _ce_kernel[(n_rows,)](
             logits, targets, loss_rows if compute_lse else lse, lse, grad if write_grad else logits,
             grad_scale if write_grad else lse, logits.stride(0), grad.stride(0) if write_grad else 0, n_cols,
