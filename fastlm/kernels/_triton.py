@@ -78,6 +78,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return HAS_TRITON and all(t.is_cuda for t in tensors)
 
 
+def device_guard(t: torch.Tensor):
+    """Make t's GPU the current device for a launch (Triton launches on the current device; with a model split over
+    GPUs, a layer's tensors may live on another one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, Problem
-from ._triton import jit, tl, triton, use_triton
+from ._triton import device_guard, jit, tl, triton, use_triton
 from .reference import GELU_APPROXIMATIONS, geglu_reference, swiglu_reference
 
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -87,8 +87,9 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, act: int) -> torch.Tensor:
     h2 = h.view(-1, g.shape[-1])
     n_rows, n_cols = g2.shape
     if n_rows and n_cols:
-        _gated_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](g2, u2, h2, g2.stride(0), u2.stride(0),
-                                                                h2.stride(0), n_cols, ACT=act, BLOCK=BLOCK)
+        with device_guard(g2):
+            _gated_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](g2, u2, h2, g2.stride(0), u2.stride(0),
+                                                                    h2.stride(0), n_cols, ACT=act, BLOCK=BLOCK)
     return h
 
 
@@ -103,9 +104,10 @@ def gated_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int,
         dg2, du2 = _rows(dg), _rows(du)
     n_rows, n_cols = g2.shape
     if n_rows and n_cols:
-        _gated_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-            dh2, g2, u2, dg2, du2, dh2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), n_cols,
-            ACT=act, BLOCK=BLOCK)
+        with device_guard(g2):
+            _gated_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+                dh2, g2, u2, dg2, du2, dh2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
+                n_cols, ACT=act, BLOCK=BLOCK)
     return dg, du
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, Problem
-from ._triton import interpreter_on, jit, next_pow2, tl, use_triton
+from ._triton import device_guard, interpreter_on, jit, next_pow2, tl, use_triton
 from .reference import causal_lm_targets, cross_entropy_reference
 
 MAX_BLOCK = 8192
@@ -50,7 +50,7 @@ def _ce_kernel(LOGITS, TARGETS, LOSS, LSE, GRAD, GRAD_SCALE, stride_l, stride_g,
     row_ptr = LOGITS + row * stride_l
     offs = tl.arange(0, BLOCK)
     if COMPUTE_LSE:
-        m = -float("inf")
+        m = float("-inf")
         d = 0.0
         z_target = 0.0
         for start in range(0, n_cols, BLOCK):
@@ -58,7 +58,7 @@ def _ce_kernel(LOGITS, TARGETS, LOSS, LSE, GRAD, GRAD_SCALE, stride_l, stride_g,
             mask = cols < n_cols
             x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             z, _ = _softcapped(x, softcap, scale, HAS_SCALE, HAS_SOFTCAP)
-            z = tl.where(mask, z, -float("inf"))
+            z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
@@ -99,7 +99,9 @@ def ce_launch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, so
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     write_grad = grad is not None
     block = _block(n_cols)
-    if n_rows:
+    if not n_rows:
+        return loss_rows, lse
+    with device_guard(logits):
         _ce_kernel[(n_rows,)](
             logits, targets, loss_rows if compute_lse else lse, lse, grad if write_grad else logits,
             grad_scale if write_grad else lse, logits.stride(0), grad.stride(0) if write_grad else 0, n_cols,
@@ -116,6 +118,14 @@ def loss_denominator(targets: torch.Tensor, num_items_in_batch, ignore_index: in
     if torch.is_tensor(num_items_in_batch):
         return num_items_in_batch.to(device=device, dtype=torch.float32)
     return torch.tensor(float(num_items_in_batch), device=device)
+
+
+def assert_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Fail (without a host sync: an async device assert on CUDA) when a target is neither in [0, vocab) nor
+    ignore_index; the kernel would otherwise silently use logsumexp as that row's loss, where torch raises."""
+    ok = ((targets >= 0) & (targets < vocab)) | (targets == ignore_index)
+    torch._assert_async(ok.all(), f"cross-entropy targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                                  "fix the labels (or the ignore_index) passed to the loss")
 
 
 def check_loss_args(context: str, ignore_index, softcap, scale, num_items_in_batch) -> None:
@@ -175,6 +185,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return cross_entropy_reference(flat, targets, ignore_index, num_items_in_batch, softcap, scale)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
+    assert_targets_in_range(targets, flat.shape[-1], ignore_index)
     return CrossEntropyFunction.apply(flat, targets.contiguous(), ignore_index, num_items_in_batch, softcap, scale,
                                       bool(inplace_backward))
 

@@ -17,15 +17,17 @@ import torch
 
 from ..errors import ConfigError, Problem
 from ._triton import use_triton
-from .cross_entropy import ce_launch, check_loss_args, loss_denominator
+from .cross_entropy import assert_targets_in_range, ce_launch, check_loss_args, loss_denominator
 from .reference import causal_lm_targets, fused_linear_cross_entropy_reference
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 def chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
-    """Tokens per chunk so that a (C, vocab) fp32 logits chunk fits in chunk_bytes (at least 1)."""
-    return max(1, min(n_rows, chunk_bytes // (4 * vocab)))
+    """Tokens per chunk so that a (C, vocab) fp32 logits chunk fits in chunk_bytes: at least 1, and a multiple of 64
+    when that many fit (matmul tiles)."""
+    rows = min(n_rows, chunk_bytes // (4 * vocab))
+    return max(1, rows - rows % 64 if 64 <= rows < n_rows else rows)
 
 
 def _accumulate_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, x: torch.Tensor, chunk_bytes: int):
@@ -50,12 +52,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """loss(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,)); stores finished, unscaled gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, num_items_in_batch, softcap, scale, chunk_bytes):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, num_items_in_batch, softcap, scale, chunk_bytes,
+                grad_enabled):
         n_rows, _ = hidden.shape
         vocab = weight.shape[0]
         dtype = _compute_dtype(hidden, weight)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+        # needs_input_grad stays True under torch.no_grad(), so the caller's grad mode is passed in
+        need_x, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         with torch.autocast(hidden.device.type, enabled=False):
             x = hidden.to(dtype)
             w = weight.to(dtype)
@@ -96,7 +100,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_loss.float()).to(w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_loss.float()).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _check(hidden, weight, bias, labels, shift_labels, chunk_bytes) -> None:
@@ -135,6 +139,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, num_items_in_batch,
                                                     shift_labels, softcap, scale)
     targets = causal_lm_targets(labels, shift_labels, ignore_index).to(hidden.device).contiguous()
+    assert_targets_in_range(targets, weight.shape[0], ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return FusedLinearCrossEntropyFunction.apply(flat, weight, bias, targets, ignore_index, num_items_in_batch,
-                                                 softcap, scale, chunk_bytes)
+                                                 softcap, scale, chunk_bytes, torch.is_grad_enabled())

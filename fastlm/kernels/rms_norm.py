@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, Problem, UnsupportedFeatureError
-from ._triton import as_rows, jit, next_pow2, num_warps_for, program_count, tl, triton, use_triton
+from ._triton import as_rows, device_guard, jit, next_pow2, num_warps_for, program_count, tl, triton, use_triton
 from .reference import check_rms_cast, rms_norm_reference
 
 MAX_ROW = 65536
@@ -96,9 +96,10 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_r, block_c = _blocks(n_cols)
     grid = (triton.cdiv(n_rows, block_r),)
-    _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps, offset,
-                               GEMMA=gemma, BLOCK_R=block_r, BLOCK_C=block_c,
-                               num_warps=num_warps_for(block_r * block_c))
+    with device_guard(x2):
+        _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps, offset,
+                                   GEMMA=gemma, BLOCK_R=block_r, BLOCK_C=block_c,
+                                   num_warps=num_warps_for(block_r * block_c))
     return y.view(x.shape), x2, rstd
 
 
@@ -112,10 +113,11 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     rows_per_program = triton.cdiv(n_rows, n_prog)
     dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     block_r, block_c = _blocks(n_cols)
-    _rms_norm_bwd_kernel[(n_prog,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0),
-                                    dx.stride(0), n_rows, n_cols, rows_per_program, offset, GEMMA=gemma,
-                                    COMPUTE_DW=compute_dw, BLOCK_R=block_r, BLOCK_C=block_c,
-                                    num_warps=num_warps_for(block_r * block_c))
+    with device_guard(x2):
+        _rms_norm_bwd_kernel[(n_prog,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0),
+                                        dx.stride(0), n_rows, n_cols, rows_per_program, offset, GEMMA=gemma,
+                                        COMPUTE_DW=compute_dw, BLOCK_R=block_r, BLOCK_C=block_c,
+                                        num_warps=num_warps_for(block_r * block_c))
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, Problem
-from ._triton import jit, next_pow2, tl, use_triton
+from ._triton import device_guard, jit, next_pow2, tl, use_triton
 from .reference import apply_rope_reference
 
 
@@ -84,11 +84,12 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     ssb = sin.stride(0) if sin.shape[0] > 1 else 0
     block_h = next_pow2(max(n_qh, n_kh))
     block_half = next_pow2(half)
-    _rope_kernel[(batch * seq_len,)](
-        q, k, cos, sin, qo, ko, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
-        scb, cos.stride(1), ssb, sin.stride(1), seq_len, n_qh, n_kh, half, rot, head_dim, BACKWARD=backward,
-        BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_PASS=rot < head_dim,
-        BLOCK_PASS=next_pow2(max(1, head_dim - rot)), num_warps=4 if block_h * block_half <= 2048 else 8)
+    with device_guard(q):
+        _rope_kernel[(batch * seq_len,)](
+            q, k, cos, sin, qo, ko, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
+            scb, cos.stride(1), ssb, sin.stride(1), seq_len, n_qh, n_kh, half, rot, head_dim, BACKWARD=backward,
+            BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_PASS=rot < head_dim,
+            BLOCK_PASS=next_pow2(max(1, head_dim - rot)), num_warps=4 if block_h * block_half <= 2048 else 8)
     return qo, ko
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_close, forward_backward, kernel_module
+from conftest import CUDA, DTYPES, assert_close, forward_backward, kernel_module
 
 from fastlm.errors import ConfigError
 from fastlm.kernels._triton import force_triton
@@ -13,9 +13,9 @@ IGNORE = -100
 
 
 def _targets(n, vocab, n_ignored=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (n,), generator=g)
-    t[torch.randperm(n, generator=g)[:n_ignored]] = IGNORE
+    torch.manual_seed(seed)
+    t = torch.randint(0, vocab, (n,))
+    t[torch.randperm(n)[:n_ignored]] = IGNORE
     return t
 
 
@@ -105,3 +105,6 @@ def test_cross_entropy_bad_arguments_name_the_fix():
         mod.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ConfigError, match="labels/shift_labels.*exactly one"):
         mod.causal_lm_loss(logits[None])
+    if not CUDA:  # on CUDA this is a device-side assert, which would end the test process's CUDA context
+        with pytest.raises(RuntimeError, match=r"targets must be in \[0, 10\).*fix the labels"), force_triton():
+            mod.cross_entropy(logits, torch.tensor([1, 10, IGNORE]))

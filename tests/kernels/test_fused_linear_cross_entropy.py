@@ -3,7 +3,7 @@ materialising torch reference: loss and the gradients of hidden, weight and bias
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, assert_close, forward_backward, kernel_module
+from conftest import CUDA, DTYPES, assert_close, forward_backward, kernel_module
 
 from fastlm.errors import ConfigError
 from fastlm.kernels._triton import force_triton
@@ -14,11 +14,11 @@ HIDDEN, VOCAB = 24, 1300  # non-pow2; the vocab spans two kernel blocks under th
 
 
 def _inputs(dtype, b=2, s=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(b, s, HIDDEN, generator=g).to(dtype)
-    weight = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.3).to(dtype)
-    bias = (torch.randn(VOCAB, generator=g) * 0.1).to(dtype)
-    labels = torch.randint(0, VOCAB, (b, s), generator=g)
+    torch.manual_seed(seed)
+    hidden = torch.randn(b, s, HIDDEN).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN) * 0.3).to(dtype)
+    bias = (torch.randn(VOCAB) * 0.1).to(dtype)
+    labels = torch.randint(0, VOCAB, (b, s))
     labels[0, :2] = IGNORE
     return hidden, weight, bias, labels
 
@@ -74,9 +74,21 @@ def test_frozen_lm_head_shift_labels_and_tiny_input():
 
 def test_chunk_rows_keeps_the_fp32_chunk_within_budget():
     mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
-    assert mod.chunk_rows(8192, 128256, 256 * 2**20) == 523  # 523 * 128256 * 4 bytes <= 256 MiB < 524 * ...
+    assert mod.chunk_rows(8192, 128256, 256 * 2**20) == 512  # 523 fp32 rows fit in 256 MiB; 64-multiple
+    assert mod.chunk_rows(8192, 128256, 20 * 2**20) == 40  # 40 * 128256 * 4 bytes <= 20 MiB < 41 * ...
     assert mod.chunk_rows(10, 128256, 1) == 1
     assert mod.chunk_rows(10, 100, 2**30) == 10
+
+
+def test_no_grad_evaluation_gives_the_same_loss():
+    mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
+    hidden, weight, _, labels = _inputs(torch.float32, seed=4)
+    hidden.requires_grad_(True)
+    with torch.no_grad(), force_triton():
+        loss = mod.fused_linear_cross_entropy(hidden, weight, labels, chunk_bytes=3 * 4 * VOCAB)
+    assert loss.grad_fn is None
+    assert_close(loss, fused_linear_cross_entropy_reference(hidden, weight, labels).detach(), torch.float32,
+                 grad=True)
 
 
 def test_fused_linear_ce_bad_arguments_name_the_fix():
@@ -88,3 +100,6 @@ def test_fused_linear_ce_bad_arguments_name_the_fix():
         mod.fused_linear_cross_entropy(hidden, weight, labels[:, :4])
     with pytest.raises(ConfigError, match="chunk_bytes=0"):
         mod.fused_linear_cross_entropy(hidden, weight, labels, chunk_bytes=0)
+    if not CUDA:  # a device-side assert on CUDA
+        with pytest.raises(RuntimeError, match="targets must be in"), force_triton():
+            mod.fused_linear_cross_entropy(hidden, weight, labels + VOCAB)
