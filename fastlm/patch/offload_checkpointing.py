@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedFeatureError
+from ..state import base_model_of
 
 
 class OffloadState:
@@ -185,14 +186,17 @@ def _decoder_layers(model) -> list[nn.Module]:
 
 
 _UNSET = object()
+_UNDO_ATTR = "_fastlm_offload_undo"
 
 
 def install_offloaded_checkpointing(model) -> Callable[[], None]:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model) with offloaded inputs, and turn
-    `use_cache` off. Returns `undo()`, which gives back the layers' previous checkpointing settings and `use_cache`.
+    `use_cache` off. Returns `undo()`, which gives back the layers' previous checkpointing settings and `use_cache`
+    (also reachable as `remove_offloaded_checkpointing(model)`). Installing again first undoes the earlier install.
 
     Call it after any `gradient_checkpointing_enable` / `activation_checkpointing_enable` (which would set plain
-    checkpointing again); `gradient_checkpointing_disable` switches it off like plain checkpointing."""
+    checkpointing again), and `remove_offloaded_checkpointing` before `gradient_checkpointing_disable`."""
+    remove_offloaded_checkpointing(model)
     layers = _decoder_layers(model)
     if not layers:
         raise UnsupportedFeatureError(
@@ -210,8 +214,11 @@ def install_offloaded_checkpointing(model) -> Callable[[], None]:
         layer._gradient_checkpointing_func = func
     for config in configs:
         config.use_cache = False
+    owner = base_model_of(model)
 
     def undo() -> None:
+        if owner.__dict__.get(_UNDO_ATTR) is not undo:
+            return  # already undone (or replaced by a later install, which undid this one)
         for layer, flag, old_func in previous:
             for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", old_func)):
                 if value is _UNSET:
@@ -220,5 +227,20 @@ def install_offloaded_checkpointing(model) -> Callable[[], None]:
                     setattr(layer, name, value)
         for config, value in old_cache:
             config.use_cache = value
+        owner.__dict__.pop(_UNDO_ATTR, None)
 
+    owner.__dict__[_UNDO_ATTR] = undo
     return undo
+
+
+def is_offloaded_checkpointing(model) -> bool:
+    return _UNDO_ATTR in base_model_of(model).__dict__
+
+
+def remove_offloaded_checkpointing(model) -> bool:
+    """Undo `install_offloaded_checkpointing` on this model if it is installed. Returns whether it was."""
+    undo = base_model_of(model).__dict__.get(_UNDO_ATTR)
+    if undo is None:
+        return False
+    undo()
+    return True

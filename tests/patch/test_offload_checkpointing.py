@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fastlm.bench.shapes import shape_config
-from fastlm.patch.offload_checkpointing import install_offloaded_checkpointing
+from fastlm.patch.offload_checkpointing import (install_offloaded_checkpointing, is_offloaded_checkpointing,
+                                                remove_offloaded_checkpointing)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -89,11 +90,12 @@ def test_lora_grads_flow_when_embeddings_do_not_require_grad():
     # frozen base + LoRA, no enable_input_require_grads: the layer inputs never require grad
     model = _lora_model(input_grads=False)
     reference = _loss_and_grads(model)
-    undo = install_offloaded_checkpointing(model)
-    assert model.get_base_model().is_gradient_checkpointing
+    install_offloaded_checkpointing(model)
+    install_offloaded_checkpointing(model)  # a second install replaces the first
+    assert model.get_base_model().is_gradient_checkpointing and is_offloaded_checkpointing(model)
     _assert_same(_loss_and_grads(model), reference)
-    undo()
-    assert not model.get_base_model().is_gradient_checkpointing
+    assert remove_offloaded_checkpointing(model) and not remove_offloaded_checkpointing(model)
+    assert not model.get_base_model().is_gradient_checkpointing and not is_offloaded_checkpointing(model)
 
 
 def test_recompute_runs_under_the_forward_autocast():
@@ -135,3 +137,23 @@ def test_cuda_offload_matches_plain_checkpointing_in_bf16():
     plain = _loss_and_grads(model, device="cuda", autocast=True)
     install_offloaded_checkpointing(model)
     _assert_same(_loss_and_grads(model, device="cuda", autocast=True), plain, tol=1e-2)
+
+
+def test_each_backward_prefetches_the_input_of_the_layer_run_before_it():
+    from fastlm.patch.offload_checkpointing import OffloadState
+
+    class Saved:  # stands in for OffloadedInput (which needs CUDA)
+        pass
+
+    state = OffloadState()
+    first, second, third = Saved(), Saved(), Saved()
+    for saved in (first, second, third):
+        state.push(saved)
+    dropped = Saved()
+    state.push(dropped)
+    del dropped  # a forward whose graph was freed without a backward leaves nothing behind
+    fourth = Saved()
+    state.push(fourth)
+    assert len(state.pending) == 4
+    assert state.take(fourth) is third and state.take(third) is second
+    assert state.take(second) is first and state.take(first) is None and state.pending == []
