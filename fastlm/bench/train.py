@@ -128,10 +128,9 @@ def run_worker(kind: str, args, model_dir: Path, **overrides) -> dict:
                 cmd += [flag, str(value)]
         log = Path(tmp) / "log.txt"
         try:
-            with open(log, "w") as fh:
-                out = None if args.verbose else fh
-                proc = subprocess.run(cmd, env=_child_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                      timeout=args.timeout)
+            with open(log, "w") as fh:  # --verbose: the worker's output goes to our stderr, stdout stays clean
+                proc = subprocess.run(cmd, env=_child_env(), stdout=sys.stderr if args.verbose else fh,
+                                      stderr=subprocess.STDOUT, timeout=args.timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             return {"side": kind, "status": "timeout", "error": f"no result within --timeout {args.timeout:g} s"}
@@ -152,10 +151,13 @@ def _approx_parameters(shape: str) -> int:
 
 
 def _model_parent_dir(shape: str) -> str:
-    """/dev/shm when it holds the bf16/fp32 model with room to spare, else the usual temporary directory."""
-    needed = _approx_parameters(shape) * 4 + 2 ** 30  # fp32 upper bound plus slack
+    """/dev/shm when it holds the saved model (bf16 with a GPU, fp32 without) with room to spare, else the usual
+    temporary directory. Checking for a GPU does not create a CUDA context in this process."""
+    import torch
+
+    needed = _approx_parameters(shape) * (2 if torch.cuda.is_available() else 4) + 2 ** 30
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * needed:
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.25 * needed:
         return str(shm)
     return tempfile.gettempdir()
 

@@ -1,0 +1,246 @@
+"""Offloaded gradient checkpointing: `use_gradient_checkpointing="unsloth"`.
+
+Each decoder layer keeps only its input for the backward pass. On CUDA that input is copied to pinned CPU memory on a
+side stream while the forward goes on, and brought back on the same side stream one layer ahead of the backward
+(while the layer after it recomputes), so the GPU holds at most two layer inputs instead of one per layer. On CPU it
+is plain recompute checkpointing. In backward the layer is recomputed under the forward's RNG and autocast state and
+differentiated; the gradients are those of standard checkpointing (and of no checkpointing).
+
+Installed per instance through transformers' own hook: every `GradientCheckpointingLayer` calls
+`self._gradient_checkpointing_func(partial(forward, self, **kwargs), *args)` when `self.gradient_checkpointing` and
+`self.training`; that function is replaced by `offloaded_checkpoint` (transformers drops `use_cache` /
+`past_key_values` inside checkpointed layers). Gradients reach the layer's trainable parameters through the
+function's inputs (not by a nested `.backward()`), so they flow even when the hidden states do not require grad
+(frozen base + LoRA without `enable_input_require_grads`), and `torch.autograd.grad` works too.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedFeatureError
+from ..state import base_model_of
+
+
+class OffloadState:
+    """Per-model bookkeeping: one side stream per CUDA device and the saved inputs not yet used by a backward, in
+    forward order (so each backward can start bringing back the input of the layer before it)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.pending: list[weakref.ref] = []
+
+    def stream(self, device: torch.device):
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device=device)
+        return self.streams[device]
+
+    def push(self, saved: "OffloadedInput") -> None:
+        self.pending = [ref for ref in self.pending if ref() is not None]
+        self.pending.append(weakref.ref(saved))
+
+    def take(self, saved: "OffloadedInput") -> "OffloadedInput | None":
+        """Remove `saved` from the pending list; return the input saved just before it (next to be needed)."""
+        for i in range(len(self.pending) - 1, -1, -1):
+            if self.pending[i]() is saved:
+                del self.pending[i]
+                return self.pending[i - 1]() if i > 0 else None
+        return None
+
+
+class OffloadedInput:
+    """A CUDA layer input held in pinned CPU memory: copied out on the side stream in forward, copied back on it
+    (`prefetch`), and handed to the compute stream by `load` once the copy is done."""
+
+    def __init__(self, x: torch.Tensor, state: OffloadState):
+        self.device, self.state = x.device, state
+        compute, side = torch.cuda.current_stream(x.device), state.stream(x.device)
+        self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        side.wait_stream(compute)  # x is ready
+        with torch.cuda.stream(side):
+            self.host.copy_(x, non_blocking=True)
+        x.record_stream(side)  # x's memory is not reused before the copy finished
+        self.gpu: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        state.push(self)
+
+    def prefetch(self) -> None:
+        if self.gpu is not None:
+            return
+        compute, side = torch.cuda.current_stream(self.device), self.state.stream(self.device)
+        self.gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # a compute-stream block
+        side.wait_stream(compute)  # ... that queued compute work may still be using: copy after it
+        with torch.cuda.stream(side):
+            self.gpu.copy_(self.host, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(side)
+
+    def load(self) -> torch.Tensor:
+        following = self.state.take(self)
+        self.prefetch()
+        if following is not None:
+            following.prefetch()  # overlaps with this layer's recompute and backward
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        x, self.gpu, self.host = self.gpu, None, None
+        return x
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in kinds]
+
+
+class _Call:
+    """What the recompute needs besides tensors: the layer call, where each flat input goes, RNG and autocast."""
+
+    def __init__(self, function: functools.partial, n_args: int, grad_kwargs: list[str], state: OffloadState):
+        self.function, self.n_args, self.grad_kwargs, self.state = function, n_args, grad_kwargs, state
+
+    def run(self, args, grad_kw_values):
+        kwargs = dict(self.function.keywords)
+        kwargs.update(zip(self.grad_kwargs, grad_kw_values))
+        return self.function.func(*self.function.args, *args, **kwargs)
+
+
+class OffloadedCheckpointFunction(torch.autograd.Function):
+    """forward(call, *flat): flat = the layer's positional args, its kwargs tensors that require grad, then its
+    trainable parameters. Runs the layer without building a graph and keeps only the inputs (the first positional
+    CUDA tensor in pinned CPU memory); backward recomputes and differentiates with `torch.autograd.grad`."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *flat):
+        n_in = call.n_args + len(call.grad_kwargs)
+        inputs = flat[:n_in]
+        ctx.call, ctx.n_in, ctx.n_params = call, n_in, len(flat) - n_in
+        ctx.input_requires_grad = [torch.is_tensor(t) and t.requires_grad for t in inputs]
+        ctx.autocast = _autocast_state()
+        ctx.cuda_devices = sorted({t.device.index for t in inputs if torch.is_tensor(t) and t.is_cuda})
+        ctx.rng_cpu = torch.get_rng_state()
+        ctx.rng_cuda = [torch.cuda.get_rng_state(d) for d in ctx.cuda_devices]
+        offload = call.n_args > 0 and torch.is_tensor(inputs[0]) and inputs[0].is_cuda
+        ctx.offloaded = OffloadedInput(inputs[0], call.state) if offload else None
+        ctx.non_tensors = {i: t for i, t in enumerate(inputs) if not torch.is_tensor(t)}
+        ctx.save_for_backward(*[None if (offload and i == 0) or not torch.is_tensor(t) else t
+                                for i, t in enumerate(inputs)], *flat[n_in:])
+        with torch.no_grad():
+            return call.run(inputs[:call.n_args], inputs[call.n_args:])
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        call = ctx.call
+        saved = ctx.saved_tensors
+        inputs = list(saved[:ctx.n_in])
+        params = saved[ctx.n_in:]
+        if ctx.offloaded is not None:
+            inputs[0] = ctx.offloaded.load()
+            ctx.offloaded = None
+        for i, value in ctx.non_tensors.items():
+            inputs[i] = value
+        detached = [t.detach().requires_grad_(req) if torch.is_tensor(t) else t
+                    for t, req in zip(inputs, ctx.input_requires_grad)]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=ctx.cuda_devices))
+            torch.set_rng_state(ctx.rng_cpu)
+            for device, state in zip(ctx.cuda_devices, ctx.rng_cuda):
+                torch.cuda.set_rng_state(state, device)
+            for kind, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type=kind, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            outputs = call.run(detached[:call.n_args], detached[call.n_args:])
+        outputs = (outputs,) if torch.is_tensor(outputs) else tuple(outputs)
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs)
+                 if torch.is_tensor(out) and out.requires_grad and grad is not None]
+        wanted = [t for t in detached if torch.is_tensor(t) and t.requires_grad] + list(params)
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
+            if pairs and wanted else [None] * len(wanted)
+        grads = iter(grads)
+        input_grads = [next(grads) if torch.is_tensor(t) and t.requires_grad else None for t in detached]
+        return (None, *input_grads, *grads)
+
+
+def offloaded_checkpoint(function, *args, state: OffloadState):
+    """transformers' checkpoint-function signature: `function` is `partial(layer_forward, layer, **kwargs)`."""
+    module = function.args[0] if isinstance(function, functools.partial) and function.args else None
+    if not isinstance(module, nn.Module) or len(function.args) != 1:
+        raise UnsupportedFeatureError(
+            "offloaded gradient checkpointing expects transformers' layer call partial(forward, layer, **kwargs), "
+            f"got {function!r}. Fix: use use_gradient_checkpointing=True for this model.")
+    grad_kwargs = [k for k, v in function.keywords.items() if torch.is_tensor(v) and v.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
+    needs_grad = any(torch.is_tensor(a) and a.requires_grad for a in args) or grad_kwargs or params
+    if not torch.is_grad_enabled() or not needs_grad:
+        return function(*args)
+    call = _Call(function, len(args), grad_kwargs, state)
+    return OffloadedCheckpointFunction.apply(call, *args, *[function.keywords[k] for k in grad_kwargs], *params)
+
+
+def _decoder_layers(model) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+_UNSET = object()
+_UNDO_ATTR = "_fastlm_offload_undo"
+
+
+def install_offloaded_checkpointing(model) -> Callable[[], None]:
+    """Checkpoint every decoder layer of `model` (a transformers or PEFT model) with offloaded inputs, and turn
+    `use_cache` off. Returns `undo()`, which gives back the layers' previous checkpointing settings and `use_cache`
+    (also reachable as `remove_offloaded_checkpointing(model)`). Installing again first undoes the earlier install.
+
+    Call it after any `gradient_checkpointing_enable` / `activation_checkpointing_enable` (which would set plain
+    checkpointing again), and `remove_offloaded_checkpointing` before `gradient_checkpointing_disable`."""
+    remove_offloaded_checkpointing(model)
+    layers = _decoder_layers(model)
+    if not layers:
+        raise UnsupportedFeatureError(
+            f"{type(model).__name__} has no transformers GradientCheckpointingLayer, so its layers cannot be "
+            "checkpointed with offloading. Fix: use use_gradient_checkpointing=True (plain checkpointing).")
+    state = OffloadState()
+    func = functools.partial(offloaded_checkpoint, state=state)
+    previous = [(layer, layer.__dict__.get("gradient_checkpointing", _UNSET),
+                 layer.__dict__.get("_gradient_checkpointing_func", _UNSET)) for layer in layers]
+    configs = [c for c in {id(m.config): m.config for m in model.modules()
+                           if getattr(m, "config", None) is not None and hasattr(m.config, "use_cache")}.values()]
+    old_cache = [(c, c.use_cache) for c in configs]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = func
+    for config in configs:
+        config.use_cache = False
+    owner = base_model_of(model)
+
+    def undo() -> None:
+        if owner.__dict__.get(_UNDO_ATTR) is not undo:
+            return  # already undone (or replaced by a later install, which undid this one)
+        for layer, flag, old_func in previous:
+            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", old_func)):
+                if value is _UNSET:
+                    layer.__dict__.pop(name, None)
+                else:
+                    setattr(layer, name, value)
+        for config, value in old_cache:
+            config.use_cache = value
+        owner.__dict__.pop(_UNDO_ATTR, None)
+
+    owner.__dict__[_UNDO_ATTR] = undo
+    return undo
+
+
+def is_offloaded_checkpointing(model) -> bool:
+    return _UNDO_ATTR in base_model_of(model).__dict__
+
+
+def remove_offloaded_checkpointing(model) -> bool:
+    """Undo `install_offloaded_checkpointing` on this model if it is installed. Returns whether it was."""
+    undo = base_model_of(model).__dict__.get(_UNDO_ATTR)
+    if undo is None:
+        return False
+    undo()
+    return True

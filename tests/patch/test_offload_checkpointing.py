@@ -1,0 +1,159 @@
+"""Offloaded checkpointing ("unsloth" mode) gives exactly the gradients of plain checkpointing and of none.
+
+On CPU it is recompute checkpointing (the offload to pinned memory needs CUDA; the GPU test below and
+scripts/gpu_offload_check.py cover that). fp32 tiny Llama with LoRA on all 7 linears; compared: the loss and every
+LoRA gradient, against transformers' non-reentrant checkpointing and against no checkpointing."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fastlm.bench.shapes import shape_config
+from fastlm.patch.offload_checkpointing import (install_offloaded_checkpointing, is_offloaded_checkpointing,
+                                                remove_offloaded_checkpointing)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(dropout=0.0, input_grads=True, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape_config("tiny-llama"), attn_implementation="sdpa").to(device, dtype)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
+    with torch.no_grad():  # B = 0 after init would leave every A gradient zero: make all LoRA gradients live
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    if input_grads:
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _hf_checkpointing(model):
+    base = model.get_base_model()
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _batch(device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 512, (2, 48), generator=g).to(device)
+    positions = torch.cat([torch.arange(20), torch.arange(28)]).expand(2, -1).to(device)  # packed: two sequences
+    return {"input_ids": ids, "labels": ids, "position_ids": positions}
+
+
+def _loss_and_grads(model, seed=7, autocast=None, device="cpu"):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if autocast else torch.autocast(device, enabled=False)
+    with ctx:
+        loss = model(**_batch(device), use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, tol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=tol, atol=tol)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_same_loss_and_lora_grads_as_plain_and_no_checkpointing(dropout):
+    model = _lora_model(dropout)
+    reference = _loss_and_grads(model)  # no checkpointing
+    _hf_checkpointing(model)
+    plain = _loss_and_grads(model)
+    layer = model.get_base_model().model.layers[0]
+    hf_func = layer._gradient_checkpointing_func
+    undo = install_offloaded_checkpointing(model)
+    assert layer._gradient_checkpointing_func is not hf_func
+    offloaded = _loss_and_grads(model)
+    _assert_same(offloaded, plain)
+    _assert_same(offloaded, reference)
+    # the recompute replays the forward's dropout masks: with another seed the loss changes
+    if dropout:
+        assert not torch.allclose(_loss_and_grads(model, seed=8)[0], offloaded[0])
+    undo()
+    assert layer._gradient_checkpointing_func is hf_func
+    _assert_same(_loss_and_grads(model), plain)
+
+
+def test_lora_grads_flow_when_embeddings_do_not_require_grad():
+    # frozen base + LoRA, no enable_input_require_grads: the layer inputs never require grad
+    model = _lora_model(input_grads=False)
+    reference = _loss_and_grads(model)
+    install_offloaded_checkpointing(model)
+    install_offloaded_checkpointing(model)  # a second install replaces the first
+    assert model.get_base_model().is_gradient_checkpointing and is_offloaded_checkpointing(model)
+    _assert_same(_loss_and_grads(model), reference)
+    assert remove_offloaded_checkpointing(model) and not remove_offloaded_checkpointing(model)
+    assert not model.get_base_model().is_gradient_checkpointing and not is_offloaded_checkpointing(model)
+
+
+def test_recompute_runs_under_the_forward_autocast():
+    model = _lora_model()
+    _hf_checkpointing(model)
+    plain = _loss_and_grads(model, autocast=True)
+    install_offloaded_checkpointing(model)
+    _assert_same(_loss_and_grads(model, autocast=True), plain, tol=0)
+
+
+def test_only_the_layer_input_is_kept_and_use_cache_is_off():
+    model = _lora_model()
+    base = model.get_base_model()
+    base.config.use_cache = True
+    undo = install_offloaded_checkpointing(model)
+    assert base.config.use_cache is False
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        model(**_batch(), use_cache=False).loss
+    hidden = [t for t in kept if t.dim() == 3 and t.shape[-1] == 64 and t.is_floating_point()]
+    # per layer: its input (2 layers), plus what the final norm and lm_head save outside the layers
+    assert len(hidden) <= 2 + 3, [tuple(t.shape) for t in hidden]
+    undo()
+    assert base.config.use_cache is True
+
+
+def test_a_model_without_checkpointable_layers_is_refused():
+    from fastlm.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError, match="use_gradient_checkpointing=True"):
+        install_offloaded_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to pinned memory needs CUDA")
+def test_cuda_offload_matches_plain_checkpointing_in_bf16():
+    model = _lora_model(device="cuda", dtype=torch.bfloat16)
+    _hf_checkpointing(model)
+    plain = _loss_and_grads(model, device="cuda", autocast=True)
+    install_offloaded_checkpointing(model)
+    _assert_same(_loss_and_grads(model, device="cuda", autocast=True), plain, tol=1e-2)
+
+
+def test_each_backward_prefetches_the_input_of_the_layer_run_before_it():
+    from fastlm.patch.offload_checkpointing import OffloadState
+
+    class Saved:  # stands in for OffloadedInput (which needs CUDA)
+        pass
+
+    state = OffloadState()
+    first, second, third = Saved(), Saved(), Saved()
+    for saved in (first, second, third):
+        state.push(saved)
+    dropped = Saved()
+    state.push(dropped)
+    del dropped  # a forward whose graph was freed without a backward leaves nothing behind
+    fourth = Saved()
+    state.push(fourth)
+    assert len(state.pending) == 4
+    assert state.take(fourth) is third and state.take(third) is second
+    assert state.take(second) is first and state.take(first) is None and state.pending == []
