@@ -16,6 +16,7 @@ from .errors import ProblemList
 from .patch.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .loading.plan import GRADIENT_CHECKPOINTING_VALUES
 from .state import get_state, set_state
+from .utils.checks import is_finite_number, non_finite_items
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,31 @@ def _prepare_quantized(model) -> None:
     model.enable_input_require_grads()
 
 
+def align_saved_module_dtypes(model) -> int:
+    """Give the fully trained copies (`modules_to_save`: embed_tokens, lm_head) the dtype of the module they replace.
+
+    TRL's trainers cast every trainable parameter of a 4/8-bit model to bfloat16; an embedding copy then returns
+    bf16 hidden states and an lm_head copy meets fp32 ones, so generation fails with "expected m1 and m2 to have the
+    same dtype". Casting the copies back (in place, `param.data`, so an optimizer holding them stays valid) makes the
+    model consistent again, whatever the trainer cast. Returns how many parameters were cast."""
+    cast = 0
+    for module in model.modules():
+        copies, original = getattr(module, "modules_to_save", None), getattr(module, "original_module", None)
+        if not isinstance(copies, nn.ModuleDict) or original is None:
+            continue
+        ref = next((p for p in original.parameters() if p.is_floating_point()), None)
+        if ref is None:
+            continue
+        for copy in copies.values():
+            for param in copy.parameters():
+                if param.is_floating_point() and param.dtype != ref.dtype:
+                    param.data = param.data.to(ref.dtype)
+                    cast += 1
+    if cast:
+        logger.info("fastlm: %d fully trained weights (modules_to_save) cast back to the model's dtype", cast)
+    return cast
+
+
 def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alpha=16, lora_dropout=0.0, bias="none",
                    layers_to_transform=None, layers_pattern=None, use_gradient_checkpointing="unsloth",
                    random_state=3407, max_seq_length=None, use_rslora=False, modules_to_save=None,
@@ -74,9 +100,9 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
               "load the base model again, or train the adapters this model already has (it is trainable)")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         p.add("r", r, "a positive integer rank", "e.g. r=16")
-    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-        p.add("lora_alpha", lora_alpha, "a positive number", "e.g. lora_alpha=16 (often equal to r)")
-    if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+    if not is_finite_number(lora_alpha) or lora_alpha <= 0:
+        p.add("lora_alpha", lora_alpha, "a finite positive number", "e.g. lora_alpha=16 (often equal to r)")
+    if not is_finite_number(lora_dropout) or not 0 <= lora_dropout < 1:
         p.add("lora_dropout", lora_dropout, "a number in [0, 1)", "use lora_dropout=0")
     if bias not in BIAS_VALUES:
         p.add("bias", bias, f"one of {BIAS_VALUES}", 'use bias="none"')
@@ -136,6 +162,8 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
     fields = _lora_config_fields()
     extra = {}
     for key, value in kwargs.items():
+        for where, bad in non_finite_items(value, key):
+            p.add(where, bad, "a finite number", "use a finite value")
         if key not in fields or key in ("task_type", "peft_type"):
             p.add(key, value, "not an argument of get_peft_model or LoraConfig",
                   "remove it or check its spelling (e.g. use_dora=True, rank_pattern={...})")

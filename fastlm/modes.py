@@ -44,6 +44,10 @@ def for_training(model, use_gradient_checkpointing=None):
 
 
 def for_inference(model):
+    """Also gives trained embed_tokens / lm_head copies the model's dtype again (a TRL trainer may have cast them)."""
+    from .lora import align_saved_module_dtypes
+
+    align_saved_module_dtypes(model)
     model.eval()
     disable_gradient_checkpointing(base_model_of(model))
     _set_cache_and_padding(model, use_cache=True, padding_side="left")
@@ -52,5 +56,8 @@ def for_inference(model):
 
 def attach_methods(model) -> None:
     """Bind fastlm's model methods onto this instance (and its PEFT wrapper, when given one)."""
+    from .save_guard import install_save_guard
+
     for name, fn in (("for_training", for_training), ("for_inference", for_inference)):
         object.__setattr__(model, name, types.MethodType(fn, model))
+    install_save_guard(model)

@@ -38,6 +38,11 @@ def check_args(args, context: str) -> None:
     from ..errors import ProblemList
 
     p = ProblemList(context)
+    for flag, neutral in (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0)):
+        value = getattr(args, flag)
+        if value != value or value in (float("inf"), float("-inf")):
+            p.add("--" + flag.replace("_", "-"), value, "a finite number", "pass a number such as 0.7")
+            setattr(args, flag, neutral)  # reported; keeps the range checks below from repeating it
     if args.max_new_tokens <= 0:
         p.add("--max-new-tokens", args.max_new_tokens, "a positive integer", "e.g. --max-new-tokens 256")
     if args.max_seq_length <= 0:

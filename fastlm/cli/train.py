@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("config", metavar="CONFIG.yaml", help="the training config (see examples/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides with dotted keys, values in YAML syntax: training.max_steps=10 resume=true")
-    p.add_argument("--dry-run", action="store_true", help="validate the config and load the data, then stop "
-                   "(no model is loaded)")
+    p.add_argument("--dry-run", action="store_true", help="check everything a run checks before it loads the "
+                   "model (config, output directory, every data row), then stop")
     p.add_argument("--print-config", action="store_true", help="print the full config (defaults filled in) and "
                    "stop")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout at the end")
@@ -42,9 +42,9 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     if args.dry_run:
-        from ..training.data_loading import load_training_data
+        from ..training.run import check_before_loading
 
-        data = load_training_data(config)
+        _, _, data = check_before_loading(config)
         print(f"config OK: {len(data.train)} training rows ({data.format} format)"
               + (f", {len(data.eval)} evaluation rows" if data.eval is not None else "")
               + f"; {config.trainer.type} on {config.model.name} ({config.model.precision}"

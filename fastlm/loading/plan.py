@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import ProblemList
+from .rope_check import check_rope_scaling
 
 
 class _DefaultTrue(int):
@@ -144,10 +145,8 @@ def build_load_plan(*, model_name, max_seq_length, dtype, load_in_4bit, load_in_
     if use_gradient_checkpointing not in GRADIENT_CHECKPOINTING_VALUES:
         p.add("use_gradient_checkpointing", use_gradient_checkpointing, "True, False or 'unsloth'",
               "use 'unsloth' (the default)")
-    if rope_scaling is not None and not (isinstance(rope_scaling, dict) and
-                                         ("rope_type" in rope_scaling or "type" in rope_scaling)):
-        p.add("rope_scaling", rope_scaling, "None or a dict with 'rope_type' (e.g. {'rope_type': 'linear', "
-              "'factor': 2.0})", "pass a dict as transformers' rope_parameters expects")
+    check_rope_scaling(rope_scaling, p)
+    check_device_map(device_map, on_cuda, p)
     if resize_model_vocab is not None and (not isinstance(resize_model_vocab, int) or resize_model_vocab <= 0):
         p.add("resize_model_vocab", resize_model_vocab, "None or a positive integer", "e.g. resize_model_vocab=32000")
     if random_state is not None and not isinstance(random_state, int):
@@ -210,6 +209,47 @@ def build_load_plan(*, model_name, max_seq_length, dtype, load_in_4bit, load_in_
         offload_embedding=bool(offload_embedding), float32_mixed_precision=float32_mixed_precision,
         random_state=random_state, unsloth_tiled_mlp=bool(unsloth_tiled_mlp), allow_pickle=allow_pickle,
         hf_kwargs=hf_kwargs, explicit_4bit=explicit_4bit)
+
+
+DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")
+
+
+def _gpu_targets(device_map) -> list:
+    """The parts of a device_map that name a GPU (cuda, cuda:N, an integer index)."""
+    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    out = []
+    for v in values:
+        if isinstance(v, torch.device):
+            v = str(v)
+        if (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.startswith("cuda")):
+            out.append(v)
+    return out
+
+
+def check_device_map(device_map, on_cuda: bool, p: ProblemList) -> None:
+    """device_map: None, one of DEVICE_MAP_STRINGS, 'cuda:N', an integer GPU index, a torch.device or a dict of
+    module name -> device. GPU targets need a CUDA GPU with that index."""
+    ok_type = device_map is None or isinstance(device_map, (dict, torch.device)) or (
+        isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0) or (
+        isinstance(device_map, str) and (device_map in DEVICE_MAP_STRINGS or device_map.startswith("cuda:")
+                                         or device_map in ("mps", "disk")))
+    if not ok_type:
+        p.add("device_map", device_map, "None, " + ", ".join(repr(s) for s in DEVICE_MAP_STRINGS)
+              + ", 'cuda:N', a GPU index or a dict of module -> device", 'use device_map="auto"')
+        return
+    gpus = _gpu_targets(device_map)
+    if gpus and not on_cuda:
+        p.add("device_map", device_map, "GPU placement needs a CUDA GPU; this machine has none (torch sees no "
+              "CUDA device)", 'use device_map="auto" (or "cpu"), which runs on the CPU here')
+        return
+    count = torch.cuda.device_count() if on_cuda else 0
+    for g in gpus:
+        index = g if isinstance(g, int) else (int(g.split(":", 1)[1]) if g.split(":", 1)[1:] and
+                                              g.split(":", 1)[1].isdigit() else 0 if g == "cuda" else None)
+        if index is None or index >= count:
+            p.add("device_map", device_map, f"GPU indices 0..{count - 1} (this machine has {count} CUDA "
+                  "device(s))", 'use device_map="auto" or a valid index')
+            return
 
 
 def _has_vllm() -> bool:

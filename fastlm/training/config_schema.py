@@ -15,6 +15,7 @@ from dataclasses import field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import ProblemList
+from ..utils.checks import non_finite_items
 
 __all__ = ["spec", "positive", "non_negative", "parse_overrides", "apply_overrides", "build_section",
            "did_you_mean"]
@@ -193,6 +194,12 @@ def build_section(name: str, cls, raw, problems: ProblemList):
         if converted is _FAIL:
             problems.add(where, value, meta["allowed"], meta["fix"] or
                          f"write {_type_name(hints[key])}")
+            continue
+        bad = list(non_finite_items(converted, where))
+        if bad:
+            for bad_where, bad_value in bad:
+                problems.add(bad_where, bad_value, "a finite number (inf and nan are never valid)",
+                             meta["fix"] or "write a finite number")
             continue
         if converted is not None:
             if meta["choices"] is not None and converted not in meta["choices"]:

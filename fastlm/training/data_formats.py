@@ -207,8 +207,14 @@ def apply_chat_template(dataset, tokenizer, chat_template=None, conversation_col
             messages = _convert(messages, keys, roles, where)
         else:
             messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
-                                             chat_template=source)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                                 chat_template=source)
+        except Exception as exc:  # noqa: BLE001 - a template failure is reported with its row
+            raise ConfigError("apply_chat_template", [Problem(
+                where, messages, f"a conversation the chat template can render ({type(exc).__name__}: {exc})",
+                "fix this row's roles and order (many templates need user/assistant turns alternating), or "
+                "install a template that takes them with get_chat_template(tokenizer, ...)")]) from exc
         if strip_bos and text.startswith(strip_bos):
             text = text[len(strip_bos):]
         return text

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, Problem, ProblemList
+from .data_checks import check_rows, scan_text_file
 from .config import BUNDLED_PREFIX, FORMATS_FOR_TRAINER, DataSection, TrainConfig, resolve_data_path
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def load_raw_dataset(data: DataSection, base_dir: str | None = None):
                 return loaded
             return datasets.load_dataset(str(local), data.subset, split=data.split)
         if local is not None:
+            scan_text_file(local)
             builder = _BUILDERS[local.suffix.lower()]
             split = data.split if data.split.startswith("train") else "train"
             return datasets.load_dataset(builder, data_files={"train": str(local)}, split=split)
@@ -155,7 +157,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if len(dataset) == 0:
         p.add("data.path", data.path, "a dataset with at least one row", "check the file or the split")
         p.raise_if_any()
-    first = dict(dataset[0])
+    first = _first_values(dataset)
     fmt = data.format
     if fmt == "auto":
         fmt = detect_format(columns, first, data)
@@ -175,6 +177,9 @@ def load_training_data(config: TrainConfig) -> TrainingData:
 
     if data.max_samples is not None and data.max_samples < len(dataset):
         dataset = dataset.select(range(data.max_samples))
+    local = resolve_data_path(data.path, config.base_dir)
+    lines = scan_text_file(local) if local is not None and local.is_file() else None
+    check_rows(dataset, fmt, _format_columns(fmt, dataset.column_names, data), str(local or data.path), lines)
     dataset = _convert_without_tokenizer(dataset, fmt, trainer, data)
     eval_dataset = None
     if data.eval_fraction > 0:
@@ -185,6 +190,19 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         dataset, eval_dataset = split["train"], split["test"]
     logger.info("fastlm: %d training rows (%s format) from %s", len(dataset), fmt, data.path)
     return TrainingData(dataset, eval_dataset, fmt, data.path)
+
+
+def _first_values(dataset, limit: int = 1000) -> dict:
+    """For each column, its first non-null value among the first `limit` rows (so that a first row with a missing
+    value does not hide the format)."""
+    head = dataset.select(range(min(limit, len(dataset))))
+    return {c: next((v for v in head[c] if v is not None), None) for c in dataset.column_names}
+
+
+def _format_columns(fmt: str, columns: list[str], data: DataSection) -> dict:
+    conversation = next((c for c in CONVERSATION_COLUMNS if c in columns), "messages")
+    return {"conversation": conversation, "instruction": "instruction", "output": data.output_field,
+            "text": data.text_field}
 
 
 def _conversation_column(dataset) -> str:

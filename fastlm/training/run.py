@@ -33,7 +33,7 @@ from .config import TrainConfig, config_from_dict, load_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_from_config", "TrainResult", "trl_config_class", "trl_trainer_class", "build_trainer",
+__all__ = ["train_from_config", "check_before_loading", "TrainResult", "trl_config_class", "trl_trainer_class", "build_trainer",
            "load_model_for_config"]
 
 
@@ -89,9 +89,56 @@ def _as_config(config, overrides: Iterable[str]) -> TrainConfig:
     return load_config(config, overrides)
 
 
+def _model_dirs(name: str) -> list[Path]:
+    """Local directories the model of `name` would be read from (the directory, an adapter's base, the embedded
+    copy, a Hugging Face cache snapshot), found without loading anything."""
+    from ..loading import embedded
+    from ..loading.source import _from_cache
+
+    dirs: list[Path] = []
+    local = Path(name).expanduser()
+    if local.is_dir():
+        dirs.append(local.resolve())
+        adapter_cfg = local / "adapter_config.json"
+        if adapter_cfg.is_file() and not (local / "config.json").is_file():
+            try:
+                base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError):
+                base = None
+            if base:
+                dirs += _model_dirs(str(base))
+        return dirs
+    if "/" in name and not name.startswith((".", "/", "~")):
+        cached = _from_cache(name, None, None)
+        if cached is not None:
+            dirs.append(cached.resolve())
+    if embedded.is_embedded_name(name):
+        dirs.append(embedded.embedded_model_dir().resolve())
+    return dirs
+
+
+def _as_problem(p: ProblemList, name: str, value, exc: Exception) -> None:
+    """An UnsafeWriteError ("<what>. Fix: <fix>") as a problem of the config key `name`."""
+    text, _, fix = str(exc).partition(" Fix: ")
+    text = text.removeprefix(f"{name}: ").rstrip(".")
+    p.add(name, value, text, fix.rstrip(".") or "choose another output.dir")
+
+
 def _check_output_dir(config: TrainConfig, output_dir: Path, p: ProblemList) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0). Adds a problem when an earlier run's checkpoints
-    would be mixed with this one."""
+    """The checkpoint to resume from (None: start at step 0). Adds a problem when the directory cannot be written
+    (a file, not writable, the model's own directory) or when an earlier run's checkpoints would be mixed with
+    this one."""
+    from ..utils.safe_write import UnsafeWriteError, check_free_space, check_target_dir, refuse_source_dir
+
+    try:
+        check_target_dir(output_dir, "output.dir")
+        refuse_source_dir(output_dir, _model_dirs(config.model.name), "output.dir")
+        check_free_space(output_dir, 256 * 2 ** 20 if not config.model.full_finetuning else
+                         4 * sum(f.stat().st_size for d in _model_dirs(config.model.name)[:1]
+                                 for f in d.glob("*.safetensors")), "output.dir")
+    except UnsafeWriteError as exc:
+        _as_problem(p, "output.dir", config.output.dir, exc)
+        return None
     checkpoints = list_checkpoints(output_dir)
     if config.resume:
         found = find_last_complete_checkpoint(output_dir)
@@ -166,9 +213,11 @@ def _trl_args(config: TrainConfig, output_dir: Path, has_eval: bool):
     if not torch.cuda.is_available():
         args["dataloader_pin_memory"] = False
     # TRL's configs turn gradient checkpointing on by default; follow model.use_gradient_checkpointing instead
-    args["gradient_checkpointing"] = bool(m.use_gradient_checkpointing)
+    # (transformers >= 5.18 calls it activation_checkpointing and warns on the old name)
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args[name] = bool(m.use_gradient_checkpointing)
     if m.use_gradient_checkpointing:
-        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        args[name + "_kwargs"] = {"use_reentrant": False}
     if has_eval:
         args.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps)
     if "max_length" in fields:
@@ -203,7 +252,9 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
         LossPlotCallback = ThroughputCallback = None
     if ThroughputCallback is not None:
         own.append(ThroughputCallback())
-    own += [ProgressBarCallback(), CheckpointCompletionCallback()]
+    from .nonfinite import StopOnNonFiniteCallback
+
+    own += [ProgressBarCallback(), StopOnNonFiniteCallback(), CheckpointCompletionCallback()]
     if config.output.loss_plot and LossPlotCallback is not None:
         own.append(LossPlotCallback())
     kind = config.trainer.type
@@ -253,6 +304,42 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def check_before_loading(config: TrainConfig):
+    """Everything a run checks before it loads a model (also what `fastlm train --dry-run` runs): the output
+    directory (writable, not a file, not the model's own directory, free space, checkpoints of an earlier run) and
+    the data (every file, line and row). Raises one `ConfigError` listing all problems.
+    Returns (output_dir, checkpoint to resume from or None, TrainingData)."""
+    from ..utils.noise import silence_known_noise
+
+    silence_known_noise()
+    output_dir = Path(config.output.dir).expanduser().resolve()
+    p = ProblemList("fastlm train")
+    resume_from = _check_output_dir(config, output_dir, p)
+    data = None
+    try:
+        from .data_loading import load_training_data
+
+        data = load_training_data(config)
+    except ConfigError as exc:
+        p.problems.extend(exc.problems)
+    p.raise_if_any()
+    return output_dir, resume_from, data
+
+
+def _fix_model_card(output_dir: Path, model_name: str) -> None:
+    """TRL's model card names the base model only when it came from the hub and writes "[None](...None)"
+    otherwise; name the model the run was given instead."""
+    card = output_dir / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text()
+    if "[None](https://huggingface.co/None)" not in text:
+        return
+    local = Path(model_name).expanduser().exists()
+    link = f"`{model_name}` (a local model)" if local else f"[{model_name}](https://huggingface.co/{model_name})"
+    card.write_text(text.replace("[None](https://huggingface.co/None)", link))
+
+
 def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrides: Iterable[str] = (), *,
                       callbacks: Iterable = (), verbose: bool = True, keep_objects: bool = False) -> TrainResult:
     """Runs a training config end to end and returns a `TrainResult`.
@@ -267,18 +354,7 @@ def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrid
     keep_objects: also return the model, tokenizer and trainer in the result.
     """
     config = _as_config(config, overrides)
-    output_dir = Path(config.output.dir).expanduser().resolve()
-
-    p = ProblemList("fastlm train")
-    resume_from = _check_output_dir(config, output_dir, p)
-    data = None
-    try:
-        from .data_loading import load_training_data
-
-        data = load_training_data(config)
-    except ConfigError as exc:
-        p.problems.extend(exc.problems)
-    p.raise_if_any()
+    output_dir, resume_from, data = check_before_loading(config)
 
     if config.resume:
         removed = remove_incomplete_checkpoints(output_dir)
@@ -317,6 +393,7 @@ def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrid
         trainer.save_model(str(output_dir))
         if getattr(trainer, "processing_class", None) is None:
             tokenizer.save_pretrained(str(output_dir))
+        _fix_model_card(output_dir, config.model.name)
         model_dir = output_dir
     state = trainer.state
     throughput = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "summary")), None)

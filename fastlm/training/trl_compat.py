@@ -111,7 +111,9 @@ def restore_adapter_dtype(model, dtype: torch.dtype = torch.float32) -> int:
             cast += 1
     if cast:
         logger.info("fastlm: %d LoRA weights cast back to %s after the trainer's cast", cast, dtype)
-    return cast
+    from ..lora import align_saved_module_dtypes
+
+    return cast + align_saved_module_dtypes(model)
 
 
 class KeepAdapterDtypeCallback(TrainerCallback):

@@ -80,6 +80,18 @@ def check_free_space(target, needed_bytes: int, what: str = "save") -> None:
 
 
 @contextlib.contextmanager
+def _temp_beside(path: Path) -> Iterator[Path]:
+    """A fresh hidden temporary directory next to `path`, removed when the body raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(target, overwrite: bool = True, what: str = "save") -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one rename.
 
@@ -90,13 +102,8 @@ def atomic_directory(target, overwrite: bool = True, what: str = "save") -> Iter
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UnsafeWriteError(f"{what}: {str(path)!r} already exists and is not empty. Fix: choose a new "
                                "directory, or pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with _temp_beside(path) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -110,3 +117,38 @@ def atomic_directory(target, overwrite: bool = True, what: str = "save") -> Iter
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_tree_into(src: Path, dst: Path) -> None:
+    """Move every file of `src` into `dst` (same relative paths), each with one atomic rename."""
+    for path in sorted(src.rglob("*")):
+        if path.is_dir():
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+
+
+@contextlib.contextmanager
+def staged_directory(target, what: str = "save") -> Iterator[Path]:
+    """Like `atomic_directory`, but an existing `target` keeps the files this write does not replace (a training
+    output folder keeps its checkpoints when the adapter is saved beside them).
+
+    Yields a fresh temporary directory beside `target`. On success: a missing or empty `target` is replaced by it
+    in one rename; otherwise each written file is renamed into `target`, so every file there is either the old or
+    the complete new one. On error nothing in `target` changes.
+    """
+    path = check_target_dir(target, what)
+    with _temp_beside(path) as tmp:
+        yield tmp
+    try:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        if not path.exists():
+            os.replace(tmp, path)
+        else:
+            _move_tree_into(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
