@@ -1,0 +1,34 @@
+"""Progress bars for long export steps and the free-RAM figure that bounds merge shards."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def byte_progress(total: int, desc: str):
+    """A tqdm bar counting bytes (silent when FASTLM_NO_PROGRESS is set or tqdm is missing)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or os.environ.get("FASTLM_NO_PROGRESS"):
+        yield None
+        return
+    bar = tqdm(total=total, desc=f"fastlm {desc}", unit="B", unit_scale=True, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
