@@ -1,0 +1,277 @@
+"""The decoder math of the engine: one place for every registered family's per-layer forward.
+
+`DecoderView(model)` reads the HF model's own modules (embedding, each layer's projections, norms, MLP, final norm,
+lm_head) and computes a forward over a static KV cache:
+
+    forward(tokens [B, T], positions [B, T], slots [B], cache, last [B]) -> logits [B, V]
+
+Family details honoured (read from the HF modules and config, never guessed): GQA, q/k-norm (Qwen3, Gemma 3),
+Gemma's (1 + w) norms and sandwich norms (by calling the HF norm modules), the embedding scale (Gemma's scaled
+embedding modules), `attn.scaling` (query_pre_attn_scalar), attention and final logit soft-caps, per-layer sliding
+windows, per-layer-type RoPE tables (Gemma 3) and partial rotary (Phi-3), q/k/v biases (Qwen2).
+
+Projections are `Projection` objects: either the HF modules called as they are (LoRA via PEFT's own forward,
+bitsandbytes 4-bit via its own matmul) or, when `fuse=True`, one concatenated weight per group (q/k/v, gate/up)
+built once, with unmerged LoRA terms `scale * B(A x)` added per output slice.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _lora_terms(module):
+    """(base nn.Linear, [(A, B, scale)]) of a PEFT LoRA linear in its current adapter state, or None when the
+    module is something the fused path cannot read exactly (DoRA, quantized base, merged, other adapters)."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return (module, []) if type(module) is nn.Linear else None
+    if type(base) is not nn.Linear or not hasattr(module, "lora_A"):
+        return None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return (base, [])
+    terms = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if getattr(module, "use_dora", {}).get(name, False):
+            return None
+        variants = getattr(module, "lora_variant", {}) or {}
+        if name in variants:
+            return None
+        terms.append((module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])))
+    return (base, terms)
+
+
+class Projection:
+    """Several output groups from one input: `outputs(x) -> list of tensors` split by `sizes`.
+
+    Module mode calls the HF modules (the exact PEFT / bitsandbytes forward). Fused mode multiplies one
+    concatenated base weight and adds each LoRA term to its slice: base + scale * B(A x), unmerged.
+    """
+
+    def __init__(self, modules: list[nn.Module], sizes: list[int], fuse: bool):
+        self.modules = modules
+        self.sizes = sizes
+        self.fused = False
+        if fuse:
+            read = [_lora_terms(m) for m in modules]
+            if all(r is not None for r in read):
+                self._build_fused(read)
+
+    def _build_fused(self, read) -> None:
+        bases = [r[0] for r in read]
+        with torch.no_grad():
+            self.weight = torch.cat([b.weight for b in bases], 0) if len(bases) > 1 else bases[0].weight
+            if any(b.bias is not None for b in bases):
+                self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features)
+                                       for b in bases], 0)
+            else:
+                self.bias = None
+        self.lora = []  # (A, B, scale, start, stop) over the concatenated output
+        start = 0
+        for (base, terms) in read:
+            for a, b, s in terms:
+                self.lora.append((a, b, s, start, start + base.out_features))
+            start += base.out_features
+        self.fused = True
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.fused:
+            outs = [m(x) for m in self.modules]
+            if len(outs) == len(self.sizes):
+                return outs
+            return list(torch.split(outs[0], self.sizes, dim=-1))
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora:
+            parts = []
+            pos = 0
+            for a, b, s, start, stop in self.lora:
+                if start > pos:
+                    parts.append(y[..., pos:start])
+                xa = x.to(a.dtype)
+                parts.append(y[..., start:stop] + F.linear(F.linear(xa, a), b) * s)
+                pos = stop
+            if pos < y.shape[-1]:
+                parts.append(y[..., pos:])
+            y = torch.cat(parts, -1)
+        return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+
+@dataclass
+class LayerView:
+    input_norm: nn.Module
+    post_attn_norm: nn.Module
+    pre_ff_norm: nn.Module | None  # sandwich norms (Gemma 2/3): pre_feedforward + post_feedforward
+    post_ff_norm: nn.Module | None
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+    act: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    scaling: float
+    window: int | None
+    softcap: float | None
+    rope_key: str
+
+
+def _rope_tables(model, max_len: int, device, dtype, layer_types: set[str]) -> dict[str, tuple]:
+    """cos/sin [max_len, rot_dim] per RoPE kind, computed by the model's own rotary module."""
+    rotary = model.model.rotary_emb
+    pos = torch.arange(max_len, device=device)[None]
+    x = torch.zeros(1, 1, device=device, dtype=dtype)
+    takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    tables = {}
+    with torch.no_grad():
+        for key in layer_types:
+            cos, sin = rotary(x, pos, key) if takes_type else rotary(x, pos)
+            tables[key] = (cos[0].to(dtype), sin[0].to(dtype))
+    return tables
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, R] with R <= D (partial rotary leaves the rest unchanged)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class DecoderView:
+    """The model's weights arranged for the engine; see the module docstring for the forward."""
+
+    def __init__(self, model, spec, max_len: int, fuse: bool = False):
+        self.model = model
+        config = model.config
+        self.config = config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.final_norm = inner.norm
+        self.lm_head = model.lm_head
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        p = next(model.parameters())
+        self.device = p.device
+        self.dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
+        attn_cap_attr = spec.attn_logit_softcap_attr if spec is not None else None
+        attn_cap = getattr(config, attn_cap_attr, None) if attn_cap_attr else None
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        self.layers = []
+        rope_keys = set()
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(attn, "qkv_proj"):
+                qkv = Projection([attn.qkv_proj], [q_out, kv_out, kv_out], fuse)
+            else:
+                qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], [q_out, kv_out, kv_out], fuse)
+            inter = config.intermediate_size
+            if hasattr(mlp, "gate_up_proj"):
+                gate_up = Projection([mlp.gate_up_proj], [inter, inter], fuse)
+            else:
+                gate_up = Projection([mlp.gate_proj, mlp.up_proj], [inter, inter], fuse)
+            if hasattr(attn, "sliding_window"):
+                window = attn.sliding_window
+            else:
+                window = getattr(config, "sliding_window", None)
+            key = layer_types[i] if getattr(model.model.rotary_emb, "layer_types", None) else "default"
+            rope_keys.add(key)
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            self.layers.append(LayerView(
+                input_norm=layer.input_layernorm, post_attn_norm=layer.post_attention_layernorm,
+                pre_ff_norm=layer.pre_feedforward_layernorm if sandwich else None,
+                post_ff_norm=layer.post_feedforward_layernorm if sandwich else None,
+                qkv=qkv, o=Projection([attn.o_proj], [config.hidden_size], fuse),
+                gate_up=gate_up, down=Projection([mlp.down_proj], [config.hidden_size], fuse),
+                act=mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn,
+                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
+                window=int(window) if window else None, softcap=attn_cap, rope_key=key))
+        self.rope = _rope_tables(model, max_len, self.device, self.dtype, rope_keys)
+        self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
+                                  for lv in self.layers)
+
+    # ------------------------------------------------------------------ the math
+    def attention(self, lv: LayerView, q, k, v, q_pos):
+        """q [B, H, T, D]; k/v [B, kv, L, D] (the rows' cache slots); q_pos [B, T] -> [B, T, H*D].
+        Key j is seen by a query at position p when j <= p (and j > p - window on sliding layers)."""
+        b, h, t, d = q.shape
+        g = h // self.n_kv
+        qg = q.reshape(b, self.n_kv, g * t, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * lv.scaling  # [B, kv, g*T, L]
+        if lv.softcap is not None:
+            scores = torch.tanh(scores / lv.softcap) * lv.softcap
+        key_pos = torch.arange(k.shape[2], device=q.device)
+        qp = q_pos[:, :, None]  # [B, T, 1]
+        allowed = key_pos[None, None, :] <= qp
+        if lv.window is not None:
+            allowed = allowed & (key_pos[None, None, :] > qp - lv.window)
+        allowed = allowed[:, None, None, :, :].expand(b, 1, g, t, k.shape[2]).reshape(b, 1, g * t, k.shape[2])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # [B, kv, g*T, D]
+        return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+    def forward(self, tokens, positions, slots, k_cache, v_cache, last=None, kv_len: int | None = None):
+        """tokens/positions [B, T] (long), slots [B] or None for slots 0..B-1 (decode: cache views, no gather);
+        caches [layers, slots, kv, L, D] written at `positions`.
+        `last` [B]: index in T whose logits are returned (None: T-1). `kv_len`: attend only to the first kv_len
+        cache positions (prefill; decode uses the whole static cache)."""
+        b, t = tokens.shape
+        x = self.embed(tokens)
+        hd = self.head_dim
+        pos_c = positions.clamp(max=k_cache.shape[3] - 1)
+        for i, lv in enumerate(self.layers):
+            cos_t, sin_t = self.rope[lv.rope_key]
+            cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]
+            hidden = lv.input_norm(x)
+            q, k, v = lv.qkv.outputs(hidden)
+            q = q.view(b, t, -1, hd).transpose(1, 2)
+            k = k.view(b, t, -1, hd).transpose(1, 2)
+            v = v.view(b, t, -1, hd).transpose(1, 2)
+            if lv.q_norm is not None:
+                q, k = lv.q_norm(q), lv.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kc, vc = k_cache[i], v_cache[i]
+            idx_s = (torch.arange(b, device=x.device) if slots is None else slots)[:, None].expand(b, t)
+            kc[idx_s, :, pos_c] = k.transpose(1, 2).to(kc.dtype)
+            vc[idx_s, :, pos_c] = v.transpose(1, 2).to(vc.dtype)
+            if kv_len is not None:
+                kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            kc, vc = (kc[:b], vc[:b]) if slots is None else (kc[slots], vc[slots])
+            a = self.attention(lv, q, kc, vc, positions)
+            a = lv.o.outputs(a)[0]
+            if lv.pre_ff_norm is not None:
+                x = x + lv.post_attn_norm(a)
+                m = lv.pre_ff_norm(x)
+            else:
+                x = x + a
+                m = lv.post_attn_norm(x)
+            gate, up = lv.gate_up.outputs(m)
+            m = lv.down.outputs(lv.act(gate) * up)[0]
+            if lv.post_ff_norm is not None:
+                m = lv.post_ff_norm(m)
+            x = x + m
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(b, device=x.device), last]
+        x = self.final_norm(x)
+        logits = self.lm_head(x)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()

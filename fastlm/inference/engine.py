@@ -1,0 +1,215 @@
+"""The decode engine: a model's own weights over a static KV cache, prefill and decode as separate steps.
+
+    engine = Engine(model, max_slots=8, max_len=1024)
+    logits = engine.prefill(slots=[0, 1], prompts=[[1, 2, 3], [4, 5]])    # [2, V], resets those slots
+    logits = engine.decode(tokens, positions)                           # tokens/positions [B] on device -> [B, V]
+
+`decode` runs slots 0..B-1 where B is a power-of-two bucket (the scheduler packs active sequences into the low
+slots). On CUDA each bucket's decode step is compiled by inductor (fusing norms, RoPE, activation) and captured
+once in a CUDA graph; replay copies the inputs into the graph's static buffers, so the token loop makes no host
+sync. On CPU the step runs eagerly. Families without an ArchSpec are refused (`UnsupportedModelError`); callers
+fall back to transformers' generate.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..arch import lookup
+from ..errors import UnsupportedFeatureError
+from ..state import base_model_of
+from .decoder import DecoderView
+from .kv_cache import StaticKVCache
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(UnsupportedFeatureError):
+    """The engine cannot serve this model (no ArchSpec, or a layout it does not read)."""
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def adapter_state_key(model) -> tuple:
+    """What the fused weights depend on besides the tensors themselves: active adapters and whether disabled."""
+    for module in base_model_of(model).modules():
+        if hasattr(module, "lora_A") and hasattr(module, "active_adapters"):
+            return (tuple(module.active_adapters), bool(getattr(module, "disable_adapters", False)),
+                    bool(getattr(module, "merged", False)))
+    return ()
+
+
+class Engine:
+    """Static-cache prefill/decode over `model` (a transformers causal LM or a PEFT wrapper of one).
+
+    max_slots: sequences decoded together (the batch buckets are powers of two up to it).
+    max_len: cache length per slot (prompt + generated tokens); defaults to the model's max_seq_length.
+    cuda_graphs / compile: None = on for CUDA, off for CPU. fuse: concatenate q/k/v and gate/up weights once
+    (None = on for CUDA); adapters stay unmerged and exact either way.
+    """
+
+    def __init__(self, model, max_slots: int = 1, max_len: int | None = None, cuda_graphs: bool | None = None,
+                 compile: bool | None = None, fuse: bool | None = None):
+        base = base_model_of(model)
+        spec = lookup(getattr(base.config, "model_type", None))
+        if spec is None or not hasattr(getattr(base, "model", None), "layers"):
+            raise UnsupportedModelError(
+                f"the fastlm engine has no spec for model_type={getattr(base.config, 'model_type', None)!r}; "
+                "generation goes through transformers' generate")
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}: must be >= 1")
+        if max_len is None:
+            max_len = int(getattr(base, "max_seq_length", None) or getattr(base.config, "max_position_embeddings",
+                                                                         2048))
+        self.model = model
+        self.base = base
+        device = next(base.parameters()).device
+        on_cuda = device.type == "cuda"
+        self.device = device
+        self.max_slots = max_slots
+        self.max_len = int(max_len)
+        self.use_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.use_compile = on_cuda if compile is None else compile
+        self.view = DecoderView(base, spec, self.max_len, fuse=on_cuda if fuse is None else fuse)
+        self.cache = StaticKVCache(len(self.view.layers), max_slots, self.view.n_kv, self.max_len,
+                                   self.view.head_dim, self.view.dtype, device)
+        self.adapter_key = adapter_state_key(model)
+        self.vocab_size = base.config.vocab_size
+        self._graphs: dict[int, tuple] = {}
+        self._compiled = None
+        self.warmup_seconds = 0.0
+
+    # ------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Write each prompt into its slot from position 0 and return the last token's logits [n, V] (float32).
+        Rows are right-padded to the longest prompt; pad positions are never attended later."""
+        if len(slots) != len(prompts) or not prompts:
+            raise ValueError("prefill needs one slot per prompt")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1:
+            raise ValueError("prefill got an empty prompt")
+        t = max(lengths)
+        if t > self.max_len:
+            raise ValueError(f"prompt of {t} tokens does not fit the engine's cache of {self.max_len}")
+        tokens = torch.zeros(len(prompts), t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        tokens = tokens.to(self.device, non_blocking=True)
+        positions = torch.arange(t, device=self.device)[None].expand(len(prompts), t)
+        last = torch.as_tensor([n - 1 for n in lengths], device=self.device)
+        slot_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        return self.view.forward(tokens, positions, slot_t, self.cache.k, self.cache.v, last=last, kv_len=t)
+
+    def bucket(self, n: int) -> int:
+        return min(_next_pow2(n), self.max_slots) if n <= self.max_slots else self._too_many(n)
+
+    def _too_many(self, n):
+        raise ValueError(f"{n} sequences do not fit the engine's {self.max_slots} slots")
+
+    def _decode_eager(self, tokens, positions):
+        return self.view.forward(tokens[:, None], positions[:, None], None, self.cache.k, self.cache.v)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for slots 0..B-1: tokens/positions [B] long on the engine's device -> logits [B, V] float32.
+        B must be a bucket size (see `bucket`). With CUDA graphs the returned tensor is the graph's output
+        buffer: use it before the next call."""
+        b = tokens.shape[0]
+        if not self.use_graphs:
+            fn = self._step_fn()
+            return fn(tokens, positions)
+        graph = self._graphs.get(b) or self._capture(b)
+        g, static_tok, static_pos, static_out = graph
+        static_tok.copy_(tokens)
+        static_pos.copy_(positions)
+        g.replay()
+        return static_out
+
+    def _step_fn(self):
+        if not self.use_compile:
+            return self._decode_eager
+        if self._compiled is None:
+            self._compiled = torch.compile(self._decode_eager, dynamic=False, fullgraph=False)
+        return self._compiled
+
+    def _capture(self, b: int):
+        """Compile (first use) and capture the decode step of bucket b in a CUDA graph. Falls back to eager
+        capture if compilation fails, and to no graph at all if capture fails (each with one notice)."""
+        start = time.perf_counter()
+        tok = torch.zeros(b, dtype=torch.long, device=self.device)
+        pos = torch.zeros(b, dtype=torch.long, device=self.device)
+        fn = self._step_fn()
+        try:
+            out = self._graph_capture(fn, tok, pos)
+        except Exception as exc:  # noqa: BLE001 - fall back, reported once
+            if self.use_compile:
+                logger.warning("fastlm engine: compiled decode step could not be captured (%s); capturing "
+                               "the eager step instead", str(exc).splitlines()[0][:200])
+                self.use_compile = False
+                self._compiled = None
+                out = self._graph_capture(self._decode_eager, tok, pos)
+            else:
+                raise
+        self._graphs[b] = out
+        self.warmup_seconds += time.perf_counter() - start
+        return out
+
+    def _graph_capture(self, fn, tok, pos):
+        saved_k, saved_v = self.cache.k.clone(), self.cache.v.clone()  # warm-up runs write position 0
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):
+                fn(tok, pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = fn(tok, pos)
+        torch.cuda.synchronize()
+        self.cache.k.copy_(saved_k)
+        self.cache.v.copy_(saved_v)
+        del saved_k, saved_v
+        return graph, tok, pos, out
+
+    def warmup(self, buckets: list[int] | None = None) -> float:
+        """Compile and capture the decode step for these batch sizes now; returns the seconds spent."""
+        if not self.use_graphs:
+            return 0.0
+        start = time.perf_counter()
+        for b in buckets or [1]:
+            bb = self.bucket(b)
+            if bb not in self._graphs:
+                self._capture(bb)
+        return time.perf_counter() - start
+
+
+def get_engine(model, slots: int, max_len: int) -> Engine:
+    """The engine cached on the model, rebuilt when it is too small or the adapter state changed."""
+    base = base_model_of(model)
+    engine = getattr(base, "_fastlm_engine", None)
+    if engine is not None and (engine.max_slots < slots or engine.max_len < max_len
+                               or engine.adapter_key != adapter_state_key(model)):
+        engine = None
+    if engine is None:
+        old = getattr(base, "_fastlm_engine", None)
+        limit = int(getattr(base.config, "max_position_embeddings", 0) or 0) or None
+        want_len = max(max_len, getattr(old, "max_len", 0) if old is not None else 0)
+        want_len = -(-want_len // 256) * 256
+        if limit:
+            want_len = max(min(want_len, limit), max_len)
+        want_slots = max(_next_pow2(slots), getattr(old, "max_slots", 0) if old is not None else 0)
+        base.__dict__.pop("_fastlm_engine", None)
+        del old
+        engine = Engine(model, max_slots=want_slots, max_len=want_len)
+        base.__dict__["_fastlm_engine"] = engine
+    return engine
+
+
+def drop_engine(model) -> None:
+    """Forget the cached engine (its fused weight copies and cache), e.g. when training changes the weights."""
+    base_model_of(model).__dict__.pop("_fastlm_engine", None)
