@@ -1,7 +1,9 @@
 """Gradient (activation) checkpointing on one model instance.
 
-`use_gradient_checkpointing` accepts True, False or "unsloth". "unsloth" will become the activation-offloading
-variant with the kernel work; until then it is standard non-reentrant checkpointing, like True.
+`use_gradient_checkpointing` accepts True, False or "unsloth". True is transformers' non-reentrant checkpointing;
+"unsloth" keeps only each decoder layer's input, offloaded to pinned CPU memory on CUDA and prefetched for the
+recompute in backward (patch/offload_checkpointing.py); models without transformers' checkpointing layers get
+plain checkpointing.
 transformers >= 5.2x names these methods `activation_checkpointing_*` and deprecates the `gradient_checkpointing_*`
 names; both generations are supported (the GPU image has 5.17).
 """
@@ -24,9 +26,21 @@ def enable_gradient_checkpointing(model, mode) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    from .offload_checkpointing import install_offloaded_checkpointing, remove_offloaded_checkpointing
+
+    if mode == "unsloth":
+        try:
+            install_offloaded_checkpointing(model)
+        except NotImplementedError:
+            pass  # no GradientCheckpointingLayer: plain checkpointing, installed above
+    else:
+        remove_offloaded_checkpointing(model)
 
 
 def disable_gradient_checkpointing(model) -> None:
+    from .offload_checkpointing import remove_offloaded_checkpointing
+
+    remove_offloaded_checkpointing(model)
     if not is_checkpointing(model):
         return
     if hasattr(model, "activation_checkpointing_disable"):

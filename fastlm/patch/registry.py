@@ -36,12 +36,31 @@ def _fast_norms(model, arch, options: PatchOptions):
     return install_fast_norms(base_model_of(model), arch)
 
 
+def _has_lora(model) -> bool:
+    return any(hasattr(m, "lora_A") for m in model.modules())
+
+
+def _fast_lora(model, arch, options: PatchOptions):
+    if not options.fast_kernels or not _has_lora(model):
+        return None
+    from .fast_lora import install_fast_lora
+
+    return install_fast_lora(base_model_of(model))
+
+
 def _fast_attention(model, arch, options: PatchOptions):
     if not options.fast_kernels:
         return None
     from .attention import install_fast_attention
 
-    return install_fast_attention(base_model_of(model), arch)
+    fused = None
+    if _has_lora(model):
+        from .fast_lora import lora_o, lora_qkv
+
+        def fused(attn):
+            return (lambda x: lora_qkv(attn, x)), (lambda x: lora_o(attn, x))
+
+    return install_fast_attention(base_model_of(model), arch, fused)
 
 
 def _fused_loss(model, arch, options: PatchOptions):
@@ -65,6 +84,7 @@ PATCHES: list[Patch] = [
     Patch("fp8_backward", _fp8_backward),
     Patch("offload_embedding", _offload_embedding),
     Patch("fast_norms", _fast_norms),
+    Patch("fast_lora", _fast_lora, follows_lora=True),
     Patch("fast_attention", _fast_attention, follows_lora=True),
     Patch("fused_loss", _fused_loss),
     Patch("tiled_mlp", _tiled_mlp, follows_lora=True),
