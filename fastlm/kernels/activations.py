@@ -7,11 +7,13 @@ fp32 and round once.
 Memory: only g and u are saved (the MLP keeps them anyway); the backward recomputes the activation from them. With
 `inplace_backward=True` the backward writes dg into g's storage and du into u's, so no new gate/up-sized buffers are
 allocated; use it only when nothing else reads g or u after this op (true of the MLP's own gate/up projections,
-whose autograd nodes save their inputs, not their outputs). Autograd's version counter turns any misuse into an error.
+whose autograd nodes save their inputs, not their outputs). The backward bumps g's and u's autograd version, so
+any other node that saved them raises instead of reading gradients.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ..errors import ConfigError, Problem
 from ._triton import device_guard, jit, tl, triton, use_triton
@@ -99,6 +101,10 @@ def gated_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: int,
     if inplace and g2.data_ptr() == g.data_ptr() and u2.data_ptr() == u.data_ptr():
         dg, du = g, u
         dg2, du2 = g2, u2
+        # the kernel's writes are invisible to autograd: bump the version so that any other node that saved g or u
+        # fails loudly instead of reading gradients
+        increment_version(g)
+        increment_version(u)
     else:
         dg, du = torch.empty_like(g), torch.empty_like(u)
         dg2, du2 = _rows(dg), _rows(du)

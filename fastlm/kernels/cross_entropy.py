@@ -15,6 +15,7 @@ serves the fused linear cross-entropy, which computes each chunk's gradient in i
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ..errors import ConfigError, Problem
 from ._triton import device_guard, interpreter_on, jit, next_pow2, tl, use_triton
@@ -161,6 +162,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, targets, lse, denom = ctx.saved_tensors
         ignore_index, softcap, scale, inplace = ctx.args
         grad = logits if inplace else torch.empty_like(logits)
+        if inplace:  # other nodes that saved these logits must fail, not read gradients
+            increment_version(logits)
         grad_scale = (grad_loss.float() / denom).reshape(1)
         ce_launch(logits, targets, ignore_index, softcap, scale, lse=lse, grad=grad, grad_scale=grad_scale)
         return grad, None, None, None, None, None, None

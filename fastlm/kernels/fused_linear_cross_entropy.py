@@ -9,7 +9,8 @@ Per chunk of C tokens: logits = h_c @ W^T (+ b) in the compute dtype; the cross-
 rows and overwrites the chunk with d loss / d logits (already divided by the denominator); then
 grad_h_c = dlogits @ W, and, when the lm_head is trainable, grad_W += dlogits^T @ h_c and grad_b += sum(dlogits),
 accumulated in fp32. The gradients are thus finished in the forward; the backward only scales them by grad_output.
-C is chosen so that a chunk of logits, counted at fp32 size, stays within `chunk_bytes`.
+C is chosen so that a chunk of logits, counted at fp32 size, stays within `chunk_bytes`. Tokens whose target is
+ignore_index (masked prompts, padding) are left out of the matmuls unless `skip_ignored=False`.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor, x: torc
         grad_w[v0:v0 + block] += (dlogits[:, v0:v0 + block].t() @ x).float()
 
 
+def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of rows with a real target, or None when all have one (one host sync to size the index)."""
+    keep = (targets != ignore_index).nonzero().squeeze(1)
+    return None if keep.numel() == targets.numel() else keep
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -53,7 +60,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, num_items_in_batch, softcap, scale, chunk_bytes,
-                grad_enabled):
+                grad_enabled, skip_ignored):
         n_rows, _ = hidden.shape
         vocab = weight.shape[0]
         dtype = _compute_dtype(hidden, weight)
@@ -66,14 +73,18 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             denom = loss_denominator(targets, num_items_in_batch, ignore_index, hidden.device)
             inv_denom = (1.0 / denom).reshape(1)
-            loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+            keep = _kept_rows(targets, ignore_index) if skip_ignored else None
+            if keep is not None:
+                x, targets = x.index_select(0, keep), targets.index_select(0, keep)
+            n_used = x.shape[0]
+            loss_rows = torch.empty(n_used, dtype=torch.float32, device=hidden.device)
             grad_x = torch.empty_like(x) if need_x else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
             any_grad = need_x or need_w or need_b
-            step = chunk_rows(n_rows, vocab, chunk_bytes)
-            for start in range(0, n_rows, step):
-                end = min(start + step, n_rows)
+            step = chunk_rows(n_used, vocab, chunk_bytes)
+            for start in range(0, n_used, step):
+                end = min(start + step, n_used)
                 x_c = x[start:end]
                 logits = x_c @ w.t() if b is None else torch.addmm(b, x_c, w.t())
                 loss_c, _ = ce_launch(logits, targets[start:end], ignore_index, softcap, scale,
@@ -86,6 +97,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 if need_b:
                     grad_b += logits.sum(0, dtype=torch.float32)
                 del logits
+            if need_x and keep is not None:  # ignored rows get a zero gradient
+                grad_x = torch.zeros((n_rows, x.shape[1]), dtype=x.dtype, device=x.device).index_copy_(0, keep, grad_x)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss_rows.sum() / denom
@@ -100,7 +113,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_loss.float()).to(w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_loss.float()).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _check(hidden, weight, bias, labels, shift_labels, chunk_bytes) -> None:
@@ -125,13 +138,17 @@ def _check(hidden, weight, bias, labels, shift_labels, chunk_bytes) -> None:
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
                                bias: torch.Tensor | None = None, ignore_index: int = -100, num_items_in_batch=None,
                                shift_labels: torch.Tensor | None = None, softcap: float | None = None,
-                               scale: float | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+                               scale: float | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                               skip_ignored: bool = True) -> torch.Tensor:
     """Causal-LM loss of lm_head(hidden) without the full logits. Returns an fp32 scalar.
 
     hidden: (b, s, H) (or (N, H)), the final-norm output; weight: (V, H), lm_head.weight; bias: (V,) or None.
     labels: (b, s), shifted inside as ForCausalLMLoss does; or shift_labels: (b, s), already aligned (not both).
     softcap: Gemma 2's final_logit_softcapping; scale: a logit multiplier (Cohere logit_scale; Granite passes
-    1 / logits_scaling). CUDA runs the chunked Triton path; elsewhere the torch reference (full logits).
+    1 / logits_scaling). chunk_bytes: budget of one logits chunk counted at fp32 size.
+    skip_ignored: compute logits only for tokens whose target is not ignore_index (masked prompts, padding, each
+    row's last position), at the cost of one host sync per call; pass False under CUDA graphs.
+    CUDA runs the chunked Triton path; elsewhere the torch reference (full logits).
     """
     check_loss_args("fused_linear_cross_entropy", ignore_index, softcap, scale, num_items_in_batch)
     _check(hidden, weight, bias, labels, shift_labels, chunk_bytes)
@@ -142,4 +159,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     assert_targets_in_range(targets, weight.shape[0], ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return FusedLinearCrossEntropyFunction.apply(flat, weight, bias, targets, ignore_index, num_items_in_batch,
-                                                 softcap, scale, chunk_bytes, torch.is_grad_enabled())
+                                                 softcap, scale, chunk_bytes, torch.is_grad_enabled(),
+                                                 bool(skip_ignored))

@@ -61,6 +61,18 @@ def test_inplace_backward_on_fused_gate_up_chunks(op, approximate, hf_name):
     assert_close(grads[0][1], grads[1][1], torch.float32, grad=True, scale="max")
 
 
+def test_inplace_backward_fails_loudly_when_another_node_saved_g():
+    mod = kernel_module("activations")
+    torch.manual_seed(2)
+    x = torch.randn(3, 8, requires_grad=True)
+    g, u = x * 2.0, x * 3.0
+    other = g.sin()  # SinBackward saved g and runs after the in-place backward has overwritten it
+    with force_triton():
+        h = mod.swiglu(g, u, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (h.sum() + other.sum()).backward()
+
+
 def test_activation_bad_arguments_name_the_fix():
     mod = kernel_module("activations")
     g = torch.randn(2, 4)

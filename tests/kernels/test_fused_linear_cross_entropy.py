@@ -24,9 +24,9 @@ def _inputs(dtype, b=2, s=5, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("use_bias,softcap,num_items", [(False, None, None), (True, 30.0, 7),
-                                                        (False, 3.0, torch.tensor(11))])
-def test_fused_linear_ce_matches_lm_head_plus_for_causal_lm_loss(dtype, use_bias, softcap, num_items):
+@pytest.mark.parametrize("use_bias,softcap,num_items,skip", [(False, None, None, True), (True, 30.0, 7, True),
+                                                             (False, 3.0, torch.tensor(11), False)])
+def test_fused_linear_ce_matches_lm_head_plus_for_causal_lm_loss(dtype, use_bias, softcap, num_items, skip):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
@@ -37,7 +37,7 @@ def test_fused_linear_ce_matches_lm_head_plus_for_causal_lm_loss(dtype, use_bias
     def fast(h, w, b=None):
         with force_triton():  # chunks of 3 tokens: 10 tokens -> 4 chunks
             return mod.fused_linear_cross_entropy(h, w, labels, b, num_items_in_batch=num_items, softcap=softcap,
-                                                  chunk_bytes=3 * 4 * VOCAB)
+                                                  chunk_bytes=3 * 4 * VOCAB, skip_ignored=skip)
 
     def hf(h, w, b=None):
         logits = F.linear(h, w, b).float()
@@ -70,6 +70,17 @@ def test_frozen_lm_head_shift_labels_and_tiny_input():
     assert weight.grad is None
     assert_close(loss, expected, torch.float32, grad=True)
     assert_close(h.grad, h_ref.grad, torch.float32, grad=True)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradients_with_num_items():
+    mod = kernel_module("fused_linear_cross_entropy", uses=("cross_entropy",))
+    hidden, weight, _, labels = _inputs(torch.float32, seed=5)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with force_triton():
+        loss = mod.fused_linear_cross_entropy(h, w, torch.full_like(labels, IGNORE), num_items_in_batch=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert h.grad.abs().max().item() == 0.0 and w.grad.abs().max().item() == 0.0
 
 
 def test_chunk_rows_keeps_the_fp32_chunk_within_budget():
