@@ -9,7 +9,7 @@ import fastlm
 
 ROOT = Path(fastlm.__file__).resolve().parent
 LAYER = {
-    "errors": 0, "state": 0, "utils": 0, "arch": 0,
+    "errors": 0, "state": 0, "utils": 0, "arch": 0, "version": 0,
     "kernels": 1,
     "patch": 2,
     "loading": 3, "lora": 3, "training": 3, "inference": 3, "export": 3, "chat_templates": 3, "save_guard": 3,
@@ -23,8 +23,6 @@ SELF_CONTAINED = {"arch"}
 KNOWN_BACK_EDGES = {
     ("fastlm.training.run", "fastlm.api"),
     ("fastlm.training.config", "fastlm.training.run"),
-    ("fastlm.cli.main", "fastlm"),
-    ("fastlm.cli.env", "fastlm"),
 }
 
 

@@ -103,7 +103,7 @@ def load_hf(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype
 
 def load_fastlm(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype, max_seq_length: int):
     """The user's path: FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing="unsloth")."""
-    from fastlm import FastLanguageModel
+    from fastlm.api import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=max_seq_length, dtype=dtype,
                                                  load_in_4bit=bits == 4, random_state=seed)

@@ -68,7 +68,7 @@ def _gpus() -> dict:
 
 
 def collect() -> dict:
-    from .. import __version__
+    from ..version import __version__
     from ..loading import embedded
     from ..utils.imports import is_available
 

@@ -15,11 +15,11 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["train", "chat", "generate", "env"]
+SUBCOMMANDS = ["train", "chat", "generate", "env", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fastlm", description="Fast, memory-light fine-tuning and inference on the Hugging Face stack.",
