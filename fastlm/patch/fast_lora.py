@@ -280,5 +280,5 @@ def install_fast_lora(model, linears: bool = True):
                 del module._fastlm_lora_notices
         swaps.clear()
 
-    undo.mlp_count, undo.linear_count = mlp_count, lin_count
+    undo.mlp_count, undo.linear_count, undo.notices = mlp_count, lin_count, notices
     return undo
