@@ -65,6 +65,7 @@ def test_undo_restores_plain_peft_bit_exactly(tiny_llama_dir):
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         undo = install_fast_lora(model)
+        assert install_fast_lora(model) is undo  # a second install does not wrap the fused forwards again
         fused = model(input_ids=ids).logits
         assert set(model.state_dict()) == keys  # saving adapters is unchanged
         undo()
@@ -73,6 +74,7 @@ def test_undo_restores_plain_peft_bit_exactly(tiny_llama_dir):
     assert torch.equal(after, plain)
     for module in model.modules():
         assert "forward" not in module.__dict__ and "_fastlm_lora_notices" not in module.__dict__
+    assert install_fast_lora(model) is not undo  # undone: a new install is a fresh one
 
 
 def test_dropout_falls_back_with_one_notice(tiny_llama_dir, caplog):
