@@ -68,7 +68,8 @@ def _scales(quant_state) -> torch.Tensor:
     s2 = quant_state.state2
     codes = s2.code[quant_state.absmax.long()]
     group = torch.arange(quant_state.absmax.numel(), device=codes.device) // s2.blocksize
-    return codes * s2.absmax.float()[group] + quant_state.offset.float()
+    return codes * s2.absmax.float()[group] + torch.as_tensor(quant_state.offset, dtype=torch.float32,
+                                                              device=codes.device)
 
 
 def nf4_dequantize_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -90,7 +91,7 @@ def nf4_dequantize_reference(packed: torch.Tensor, quant_state, dtype: torch.dty
 if HAS_TRITON:
 
     @triton.jit
-    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, levels_ptr, out_ptr,
+    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels_ptr, out_ptr,
                             n_bytes, n, blocksize, blocksize2,
                             NESTED: tl.constexpr, BLOCK_BYTES: tl.constexpr):
         """Each program turns BLOCK_BYTES packed bytes into 2 * BLOCK_BYTES weight elements."""
@@ -105,6 +106,7 @@ if HAS_TRITON:
         mask_hi = hi_idx < n
         mask_lo = lo_idx < n
         if NESTED:
+            offset = tl.load(offset_ptr)
             q_hi = tl.load(absmax_ptr + hi_blk, mask=mask_hi, other=0).to(tl.int32)
             q_lo = tl.load(absmax_ptr + lo_blk, mask=mask_lo, other=0).to(tl.int32)
             s_hi = tl.load(code2_ptr + q_hi) * tl.load(absmax2_ptr + hi_blk // blocksize2, mask=mask_hi, other=0.0)
@@ -143,11 +145,12 @@ def nf4_dequantize_triton(packed: torch.Tensor, quant_state, dtype: torch.dtype 
     if quant_state.nested:
         s2 = quant_state.state2
         absmax, absmax2, code2 = quant_state.absmax, s2.absmax.float(), s2.code.float()
-        offset, blocksize2 = float(quant_state.offset), int(s2.blocksize)
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device)  # no host sync
+        blocksize2 = int(s2.blocksize)
     else:
         absmax = quant_state.absmax.float()
-        absmax2 = code2 = absmax  # unused
-        offset, blocksize2 = 0.0, 1
+        absmax2 = code2 = offset = absmax  # unused
+        blocksize2 = 1
     block_bytes = 1024
     grid = (triton.cdiv(n_bytes, block_bytes),)
     _nf4_dequant_kernel[grid](data, absmax, absmax2, code2, offset, nf4_levels(data.device), out,

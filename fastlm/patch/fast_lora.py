@@ -49,6 +49,12 @@ def _is_lora_layer(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "base_layer")
 
 
+def _is_lora_linear(module) -> bool:
+    """A PEFT LoRA layer over a linear (bitsandbytes' 4/8-bit linears are nn.Linear subclasses); not embeddings
+    or convolutions, which keep PEFT's forward without a notice."""
+    return _is_lora_layer(module) and isinstance(module.get_base_layer(), nn.Linear)
+
+
 def _base_weight(base) -> BaseWeight | str:
     bias = getattr(base, "bias", None)
     if bias is not None and bias.requires_grad:
@@ -238,6 +244,9 @@ def install_fast_lora(model, linears: bool = True):
     """
     if not isinstance(linears, bool):
         raise TypeError(f"linears={linears!r}: True or False. Fix: pass linears=True (default) or False")
+    installed = getattr(model, "_fastlm_fast_lora_undo", None)
+    if installed is not None:  # installing twice would wrap the fused forwards in themselves
+        return installed
     notices = Notices()
     swaps: list[_Swap] = []
     in_mlp: set[int] = set()
@@ -260,13 +269,13 @@ def install_fast_lora(model, linears: bool = True):
     lin_count = 0
     if linears:
         for name, module in model.named_modules():
-            if _is_lora_layer(module) and id(module) not in in_mlp and hasattr(module, "lora_A"):
+            if _is_lora_linear(module) and id(module) not in in_mlp:
                 leaf = name.rsplit(".", 1)[-1]
                 swaps.append(_Swap(module, _linear_forward(module, notices, f"LoRA layers {leaf}")))
                 lin_count += 1
     # say at once why the LoRA layers that cannot be fused fall back (run-time reasons are said when they occur)
     for name, module in model.named_modules():
-        if _is_lora_layer(module):
+        if _is_lora_linear(module):
             parts = lora_parts(module)
             if isinstance(parts, str):
                 notices.fallback(f"LoRA layers {name.rsplit('.', 1)[-1]}", parts)
@@ -279,6 +288,8 @@ def install_fast_lora(model, linears: bool = True):
             if "_fastlm_lora_notices" in module.__dict__:
                 del module._fastlm_lora_notices
         swaps.clear()
+        model.__dict__.pop("_fastlm_fast_lora_undo", None)
 
-    undo.mlp_count, undo.linear_count = mlp_count, lin_count
+    model._fastlm_fast_lora_undo = undo
+    undo.mlp_count, undo.linear_count, undo.notices = mlp_count, lin_count, notices
     return undo

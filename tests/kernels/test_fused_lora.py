@@ -256,3 +256,26 @@ def test_mlp_saves_less_than_peft():
     # fused: x, gate, up (bf16) and three N x r products (bf16), nothing else
     assert fused_bytes == tokens * (H + 2 * I + 3 * 4) * 2
     assert fused_bytes < 0.35 * peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_autocast_matches_peft():
+    """fp32 model under bf16 autocast (TRL's bf16=True on an fp32 model): the fused MLP computes in bf16 like
+    PEFT, returns bf16, and gives fp32 gradients to x and the adapters."""
+    from fastlm.kernels.lora import fused_lora_mlp
+
+    block = peft_block(torch.float32)
+    mlp = block.mlp
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    parts = [lora_parts(m) for m in layers]
+    x = torch.randn(2, 9, H)
+    params = _adapter_params(*layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _run(mlp, x, params)
+        with torch.no_grad():
+            assert mlp(x).dtype == torch.bfloat16
+            assert fused_lora_mlp(x, *(p[0] for p in parts), tuple(p[1] for p in parts), "silu").dtype == \
+                torch.bfloat16
+        got = _run(lambda t: fused_lora_mlp(t, *(p[0] for p in parts), tuple(p[1] for p in parts), "silu"), x,
+                   params)
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2)
