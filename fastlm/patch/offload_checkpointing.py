@@ -164,9 +164,15 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
 
 
 def offloaded_checkpoint(function, *args, state: OffloadState):
-    """transformers' checkpoint-function signature: `function` is `partial(layer_forward, layer, **kwargs)`."""
-    module = function.args[0] if isinstance(function, functools.partial) and function.args else None
-    if not isinstance(module, nn.Module) or len(function.args) != 1:
+    """transformers' checkpoint-function signature: `function` is `partial(layer_forward, layer, **kwargs)`
+    (transformers >= 5.2x) or `partial(layer.__call__, **kwargs)` (a bound method of the layer, 5.17)."""
+    module = None
+    if isinstance(function, functools.partial):
+        if len(function.args) == 1:
+            module = function.args[0]
+        elif not function.args:
+            module = getattr(function.func, "__self__", None)
+    if not isinstance(module, nn.Module):
         raise UnsupportedFeatureError(
             "offloaded gradient checkpointing expects transformers' layer call partial(forward, layer, **kwargs), "
             f"got {function!r}. Fix: use use_gradient_checkpointing=True for this model.")

@@ -157,3 +157,24 @@ def test_each_backward_prefetches_the_input_of_the_layer_run_before_it():
     assert len(state.pending) == 4
     assert state.take(fourth) is third and state.take(third) is second
     assert state.take(second) is first and state.take(first) is None and state.pending == []
+
+
+def test_bound_layer_call_form_of_older_transformers():
+    """transformers 5.17 hands the checkpoint function `partial(layer.__call__, **kwargs)` instead of
+    `partial(forward, layer, **kwargs)`: both must recompute to the same gradients."""
+    import functools
+
+    from fastlm.patch.offload_checkpointing import OffloadState, offloaded_checkpoint
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    ref = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    out = offloaded_checkpoint(functools.partial(layer.__call__), x, state=OffloadState())
+    out.pow(2).sum().backward()
+    got = [x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
