@@ -19,7 +19,7 @@ def _pair(path):
                                                  max_seq_length=256, use_gradient_checkpointing=False)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0,
                                              use_gradient_checkpointing=False)
-    plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(model.device)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                                                if hasattr(m, "lora_A")}))
@@ -38,9 +38,13 @@ def _batch(seed=0):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
+def _on(model, batch):
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
 def _loss_grads(model, batch):
     model.zero_grad()
-    loss = model(**batch).loss
+    loss = model(**_on(model, batch)).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -70,7 +74,7 @@ def test_twenty_steps_track_plain_peft_and_remove_restores_it(tiny_model_factory
         batch = _batch(step)
         losses = []
         for m, opt in zip((model, plain), opts):
-            loss = m(**batch).loss
+            loss = m(**_on(m, batch)).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -85,4 +89,4 @@ def test_twenty_steps_track_plain_peft_and_remove_restores_it(tiny_model_factory
     model.eval(), plain.eval()
     batch = _batch(99)
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+        assert torch.equal(model(**_on(model, batch)).logits, plain(**_on(plain, batch)).logits)

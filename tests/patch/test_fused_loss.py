@@ -35,13 +35,13 @@ def test_fused_loss_equals_the_plain_forward(tiny_model_factory, model_type, ker
                                                  dtype=torch.float32, max_seq_length=256,
                                                  use_gradient_checkpointing=False)
     assert "fused_loss" in patch.patch_set(model)
-    plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(model.device)
     torch.manual_seed(0)
-    ids = torch.randint(3, 300, (3, 17))
+    ids = torch.randint(3, 300, (3, 17), device=model.device)
     labels = ids.clone()
     labels[0, :5] = -100
     labels[2, 11:] = -100
-    for kw in ({}, {"num_items_in_batch": torch.tensor(40)}):
+    for kw in ({}, {"num_items_in_batch": torch.tensor(40, device=model.device)}):
         out, grads = _step(model, ids, labels, **kw)
         ref, ref_grads = _step(plain, ids, labels, **kw)
         torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
@@ -59,7 +59,7 @@ def test_fused_loss_equals_the_plain_forward(tiny_model_factory, model_type, ker
 
 def test_evaluation_and_generation_use_the_plain_forward(tiny_llama_dir):
     model, tok = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_16bit=True, max_seq_length=256)
-    ids = torch.randint(3, 300, (2, 9))
+    ids = torch.randint(3, 300, (2, 9), device=model.device)
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
     assert type(out).__name__ == "CausalLMOutputWithPast" and out.logits.shape == (2, 9, model.config.vocab_size)
@@ -69,7 +69,7 @@ def test_trained_lm_head_gets_its_gradient_through_the_fused_loss(tiny_llama_dir
     model, _ = FastLanguageModel.from_pretrained(str(tiny_llama_dir), load_in_16bit=True, dtype=torch.float32,
                                                  max_seq_length=256)
     model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj", "lm_head"])
-    ids = torch.randint(3, 300, (2, 12))
+    ids = torch.randint(3, 300, (2, 12), device=model.device)
     out, grads = _step(model, ids, ids)
     head_grads = [n for n in grads if "lm_head" in n and "modules_to_save" in n]
     assert head_grads, sorted(grads)
