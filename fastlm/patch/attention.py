@@ -20,6 +20,42 @@ def _attention_function(attn):
     return eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
 
 
+class PackedSegments:
+    """Sequence boundaries of a packed row (batch 1, `position_ids` restarting at 0 for each sequence), computed
+    once per forward and shared by every layer (one host sync per distinct position_ids tensor)."""
+
+    def __init__(self):
+        self._key = None
+        self._bounds = None
+
+    def bounds(self, position_ids):
+        """[(start, end), ...] for a packed single row, or None when the batch is not packed."""
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+            return None
+        key = (id(position_ids), position_ids.data_ptr(), position_ids._version, position_ids.shape[1])
+        if key != self._key:
+            starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+            n = position_ids.shape[1]
+            if len(starts) < 2 or starts[0] != 0:
+                bounds = None
+            else:
+                bounds = list(zip(starts, starts[1:] + [n]))
+            self._key, self._bounds = key, bounds
+        return self._bounds
+
+
+def packed_attention(q, k, v, bounds, scale):
+    """Causal attention inside each packed sequence: q (1, hq, s, d), k/v (1, hkv, s, d) -> (1, s, hq, d).
+    Each sequence runs SDPA with is_causal=True (flash / cuDNN on GPUs), so no (s x s) mask is built."""
+    import torch
+    import torch.nn.functional as F
+
+    gqa = q.shape[1] != k.shape[1]
+    outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale,
+                                           enable_gqa=gqa) for a, b in bounds]
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
 def _split_fused_qkv(qkv, arch):
     q_size = arch.num_heads * arch.head_dim
     kv_size = arch.num_kv_heads * arch.head_dim
@@ -36,8 +72,10 @@ def _plain_o(attn, x):
     return attn.o_proj(x)
 
 
-def make_attention_forward(attn, arch, layer_idx: int, project_qkv=None, project_o=None):
-    """A forward with the signature of transformers' decoder attention modules."""
+def make_attention_forward(attn, arch, layer_idx: int, project_qkv=None, project_o=None, segments=None):
+    """A forward with the signature of transformers' decoder attention modules. Packed rows (padding-free
+    batches) attend within each sequence through `packed_attention` when the layer has no sliding window, no
+    soft-cap and no attention dropout; everything else goes through transformers' attention function."""
     from ..kernels.rope import apply_rope
 
     original = attn.forward
@@ -47,6 +85,8 @@ def make_attention_forward(attn, arch, layer_idx: int, project_qkv=None, project
     window = arch.sliding_window[layer_idx]
     extra = {"softcap": arch.attn_logit_softcap} if arch.attn_logit_softcap else {}
     q_norm, k_norm = (getattr(attn, n) for n in arch.qk_norm_names) if arch.qk_norm_names else (None, None)
+    segments = segments or PackedSegments()
+    can_pack = window is None and not arch.attn_logit_softcap
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         if past_key_values is not None or position_embeddings is None:
@@ -61,6 +101,11 @@ def make_attention_forward(attn, arch, layer_idx: int, project_qkv=None, project
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
+        bounds = segments.bounds(kwargs.get("position_ids")) if can_pack and not (
+            attn.training and attn.attention_dropout) else None
+        if bounds is not None:
+            out = packed_attention(q, k, v, bounds, arch.attention_scale)
+            return project_o(out.reshape(*input_shape, -1).contiguous()), None
         out, weights = _attention_function(attn)(
             attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
             scaling=arch.attention_scale, sliding_window=window, **extra, **kwargs)
@@ -76,9 +121,10 @@ def install_fast_attention(model, arch, fused_lora=None):
     if arch is None:
         return None
     undos = []
+    segments = PackedSegments()
     for idx, layer in enumerate(get_path(model, arch.layers_path)):
         attn = getattr(layer, arch.attention_name)
-        projections = fused_lora(attn) if fused_lora is not None else None
-        forward = make_attention_forward(attn, arch, idx, *(projections or ()))
+        project_qkv, project_o = (fused_lora(attn) if fused_lora is not None else None) or (None, None)
+        forward = make_attention_forward(attn, arch, idx, project_qkv, project_o, segments)
         undos.append(replace_attr(attn, "forward", forward))
     return chain(undos)

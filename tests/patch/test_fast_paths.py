@@ -90,3 +90,28 @@ def test_twenty_steps_track_plain_peft_and_remove_restores_it(tiny_model_factory
     batch = _batch(99)
     with torch.no_grad():
         assert torch.equal(model(**_on(model, batch)).logits, plain(**_on(plain, batch)).logits)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_packed_rows_attend_within_each_sequence(tiny_model_factory, model_type):
+    """Padding-free batches: one row of three sequences with restarting position_ids gives the loss and gradients
+    of plain transformers on the same packed row, and the per-sequence logits of each sequence alone."""
+    model, plain = _pair(tiny_model_factory(model_type))
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (7, 12, 5)]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    labels = torch.cat([torch.cat([torch.tensor([-100]), s[1:]]) for s in seqs])[None]
+    batch = dict(input_ids=ids, position_ids=pos, labels=labels)
+    loss, grads = _loss_grads(model, batch)
+    ref_loss, ref_grads = _loss_grads(plain, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        packed = model(input_ids=ids.to(model.device), position_ids=pos.to(model.device), use_cache=False).logits[0]
+        start = 0
+        for s in seqs:
+            alone = plain(input_ids=s[None].to(plain.device)).logits[0]
+            torch.testing.assert_close(packed[start:start + len(s)], alone, rtol=1e-4, atol=1e-5)
+            start += len(s)
