@@ -116,7 +116,7 @@ def test_disabled_adapters_run_peft(tiny_llama_dir, caplog):
 
 def _hidden(model, n=5):
     torch.manual_seed(1)
-    return torch.randn(2, n, model.config.hidden_size, requires_grad=True)
+    return torch.randn(2, n, model.config.hidden_size, device=model.device, requires_grad=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
