@@ -276,6 +276,8 @@ def _command_line() -> str:
 
 def _git_commit() -> str | None:
     try:
+        if os.environ.get("FASTLM_COMMIT"):  # a copy of the tree without its git history (a GPU machine)
+            return os.environ["FASTLM_COMMIT"]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None

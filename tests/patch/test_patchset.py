@@ -37,8 +37,8 @@ def test_apply_twice_is_a_no_op_and_remove_gives_back_the_plain_model(tiny_llama
     assert _instance_overrides(model) == []
     assert patch.patch_set(model) is None
 
-    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    ids = torch.randint(0, 300, (2, 24))
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).to(model.device)
+    ids = torch.randint(0, 300, (2, 24), device=model.device)
     loss, grads = _loss_and_grads(model, ids)
     loss_plain, grads_plain = _loss_and_grads(plain, ids)
     assert torch.equal(loss, loss_plain)
