@@ -107,6 +107,9 @@ def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -
 
 
 def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
+    from ..utils.noise import silence_known_noise
+
+    silence_known_noise()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     auto_model = auto_model or AutoModelForCausalLM
@@ -186,7 +189,10 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
     if adapter_source is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_source.path), is_trainable=True)
+        from ..utils.noise import quiet_peft_wrap
+
+        with quiet_peft_wrap():
+            model = PeftModel.from_pretrained(model, str(adapter_source.path), is_trainable=True)
         attach_methods(model)
     return model, tokenizer
 

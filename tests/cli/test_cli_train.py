@@ -91,6 +91,8 @@ def test_train_end_to_end(tmp_path, tiny_llama_dir, capsys):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.01  # not a blank canvas
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    card = (out / "README.md").read_text()  # the model card names the base model, not "[None](.../None)"
+    assert "None" not in card and str(tiny_llama_dir) in card
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
     assert all(checkpoint_problem(p) is None for p in out.glob("checkpoint-*"))
 
