@@ -60,6 +60,13 @@ ROWS = [
     ("output-is-a-file", ["output.dir={a_file}"], ["output.dir=", "is a file, not a directory",
                                                    "Fix: pass a directory path"]),
     ("output-under-a-file", ["output.dir={a_file}/run"], ["is a file, not a directory", "Fix: pass a path under"]),
+    ("missing-model-dir", ["model.name=./no/such/model"], ["model.name='./no/such/model'", "no such directory"]),
+    ("model-is-a-file", ["model.name={a_file}"], ["this is a file", "Fix: pass the directory"]),
+    ("chat-template-typo", ["model.chat_template=chatmll"], ["model.chat_template='chatmll'", "chatml",
+                                                             "Fix: pass one of these names"]),
+    ("optimizer-typo", ["training.optim=adamw_fast"], ["adamw_fast is not a valid", "adamw_torch"]),
+    ("scheduler-typo", ["training.lr_scheduler_type=cosin"], ["training.lr_scheduler_type='cosin'",
+                                                              "did you mean 'cosine'"]),
 ]
 
 
@@ -139,3 +146,21 @@ def test_generate_flags(flags, fragment, capsys, monkeypatch):
     assert main(["generate", "--prompt", "hi", *flags]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Fix:" in err, err
+
+
+def test_broken_model_files_are_found_by_dry_run(tmp_path, tiny_llama_dir, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    for name, fragments in ((broken, [str(weights), "truncated", "Fix: download or copy it again"]),
+                            (adapter, ["base_model_name_or_path", str(tmp_path / "gone"), "adapter_config.json"])):
+        rc = main(["train", "examples/quickstart.yaml", f"model.name={name}", f"output.dir={tmp_path / 'out'}",
+                   "--dry-run"])
+        err = capsys.readouterr().err
+        assert rc == 2 and all(f in err for f in fragments), err

@@ -92,7 +92,7 @@ def test_train_end_to_end(tmp_path, tiny_llama_dir, capsys):
     assert image[..., :3].std() > 0.01  # not a blank canvas
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     card = (out / "README.md").read_text()  # the model card names the base model, not "[None](.../None)"
-    assert "None" not in card and str(tiny_llama_dir) in card
+    assert "[None]" not in card and 'model="None"' not in card and str(tiny_llama_dir) in card, card
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
     assert all(checkpoint_problem(p) is None for p in out.glob("checkpoint-*"))
 
