@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# train, ask one question, then chat (interactive on a terminal; with no terminal, e.g. in CI, it reads end of
+# input and exits 0). `$(PY) -m fastlm.cli` is the `fastlm` command of this checkout.
 demo: $(VENV)/.installed
-	$(VENV)/bin/fastlm train examples/quickstart.yaml output.overwrite=true
-	$(VENV)/bin/fastlm generate outputs/quickstart --prompt "What is the capital of Zorbania?"
-	$(VENV)/bin/fastlm generate outputs/quickstart --prompt "How many moons does the planet Vextor have?"
+	$(PY) -m fastlm.cli train examples/quickstart.yaml output.overwrite=true
+	$(PY) -m fastlm.cli generate outputs/quickstart --prompt "What is the capital of Zorbania?"
+	$(PY) -m fastlm.cli chat outputs/quickstart
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

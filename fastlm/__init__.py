@@ -32,6 +32,9 @@ def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
     module, attr = _PUBLIC[name]
+    from .utils.noise import silence_known_noise
+
+    silence_known_noise()  # before transformers is first imported
     value = getattr(importlib.import_module(module, __name__), attr)
     globals()[name] = value
     return value

@@ -17,6 +17,7 @@ from .patch.checkpointing import disable_gradient_checkpointing, enable_gradient
 from .loading.plan import GRADIENT_CHECKPOINTING_VALUES
 from .state import get_state, set_state
 from .utils.checks import is_finite_number, non_finite_items
+from .utils.noise import quiet_peft_wrap
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
                         use_rslora=use_rslora, init_lora_weights=init_lora_weights, loftq_config=loftq_config or {},
                         task_type="CAUSAL_LM", **extra)
     mixed = state.float32_mixed_precision if state is not None else None
-    peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=mixed is not False)
+    with quiet_peft_wrap():
+        peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=mixed is not False)
 
     base = peft_model.get_base_model()
     if use_gradient_checkpointing:

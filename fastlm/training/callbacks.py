@@ -99,7 +99,9 @@ class ThroughputCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._end_time = time.perf_counter()
         if self.history and state.is_world_process_zero:
-            logger.info("fastlm throughput: %s", self.summary())
+            # debug only: a progress bar may still own the terminal line here, and `fastlm train` prints the
+            # summary itself, formatted; read it with .summary()
+            logger.debug("fastlm throughput: %s", self.summary())
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _tokens_total(self, state, logs) -> int | None:

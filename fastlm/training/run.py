@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import ConfigError, ProblemList
-from .checkpoints import (CheckpointCompletionCallback, find_last_complete_checkpoint, list_checkpoints,
-                          remove_incomplete_checkpoints)
+from .checkpoints import CheckpointCompletionCallback, list_checkpoints, remove_incomplete_checkpoints
 from .config import TrainConfig, config_from_dict, load_config
+from .preflight import check_before_loading
 
 logger = logging.getLogger(__name__)
 
@@ -87,70 +86,6 @@ def _as_config(config, overrides: Iterable[str]) -> TrainConfig:
     if isinstance(config, Mapping):
         return config_from_dict(config, overrides)
     return load_config(config, overrides)
-
-
-def _model_dirs(name: str) -> list[Path]:
-    """Local directories the model of `name` would be read from (the directory, an adapter's base, the embedded
-    copy, a Hugging Face cache snapshot), found without loading anything."""
-    from ..loading import embedded
-    from ..loading.source import _from_cache
-
-    dirs: list[Path] = []
-    local = Path(name).expanduser()
-    if local.is_dir():
-        dirs.append(local.resolve())
-        adapter_cfg = local / "adapter_config.json"
-        if adapter_cfg.is_file() and not (local / "config.json").is_file():
-            try:
-                base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-            except (OSError, ValueError):
-                base = None
-            if base:
-                dirs += _model_dirs(str(base))
-        return dirs
-    if "/" in name and not name.startswith((".", "/", "~")):
-        cached = _from_cache(name, None, None)
-        if cached is not None:
-            dirs.append(cached.resolve())
-    if embedded.is_embedded_name(name):
-        dirs.append(embedded.embedded_model_dir().resolve())
-    return dirs
-
-
-def _as_problem(p: ProblemList, name: str, value, exc: Exception) -> None:
-    """An UnsafeWriteError ("<what>. Fix: <fix>") as a problem of the config key `name`."""
-    text, _, fix = str(exc).partition(" Fix: ")
-    text = text.removeprefix(f"{name}: ").rstrip(".")
-    p.add(name, value, text, fix.rstrip(".") or "choose another output.dir")
-
-
-def _check_output_dir(config: TrainConfig, output_dir: Path, p: ProblemList) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0). Adds a problem when the directory cannot be written
-    (a file, not writable, the model's own directory) or when an earlier run's checkpoints would be mixed with
-    this one."""
-    from ..utils.safe_write import UnsafeWriteError, check_free_space, check_target_dir, refuse_source_dir
-
-    try:
-        check_target_dir(output_dir, "output.dir")
-        refuse_source_dir(output_dir, _model_dirs(config.model.name), "output.dir")
-        check_free_space(output_dir, 256 * 2 ** 20 if not config.model.full_finetuning else
-                         4 * sum(f.stat().st_size for d in _model_dirs(config.model.name)[:1]
-                                 for f in d.glob("*.safetensors")), "output.dir")
-    except UnsafeWriteError as exc:
-        _as_problem(p, "output.dir", config.output.dir, exc)
-        return None
-    checkpoints = list_checkpoints(output_dir)
-    if config.resume:
-        found = find_last_complete_checkpoint(output_dir)
-        if found is None:
-            logger.warning("fastlm: resume=true but %s holds no complete checkpoint; starting at step 0",
-                           output_dir)
-        return found
-    if checkpoints and not config.output.overwrite:
-        names = ", ".join(c.name for c in checkpoints[:3]) + (" ..." if len(checkpoints) > 3 else "")
-        p.add("output.dir", str(output_dir), f"a directory without checkpoints of an earlier run (it holds {names})",
-              "pass resume=true to continue that run, output.overwrite=true to start over, or another output.dir")
-    return None
 
 
 def load_model_for_config(config: TrainConfig):
@@ -304,40 +239,20 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def check_before_loading(config: TrainConfig):
-    """Everything a run checks before it loads a model (also what `fastlm train --dry-run` runs): the output
-    directory (writable, not a file, not the model's own directory, free space, checkpoints of an earlier run) and
-    the data (every file, line and row). Raises one `ConfigError` listing all problems.
-    Returns (output_dir, checkpoint to resume from or None, TrainingData)."""
-    from ..utils.noise import silence_known_noise
-
-    silence_known_noise()
-    output_dir = Path(config.output.dir).expanduser().resolve()
-    p = ProblemList("fastlm train")
-    resume_from = _check_output_dir(config, output_dir, p)
-    data = None
-    try:
-        from .data_loading import load_training_data
-
-        data = load_training_data(config)
-    except ConfigError as exc:
-        p.problems.extend(exc.problems)
-    p.raise_if_any()
-    return output_dir, resume_from, data
-
-
 def _fix_model_card(output_dir: Path, model_name: str) -> None:
-    """TRL's model card names the base model only when it came from the hub and writes "[None](...None)"
-    otherwise; name the model the run was given instead."""
+    """TRL's model card names the base model only when it came from the hub and the result only when it is pushed
+    to the hub; otherwise it writes "[None](https://huggingface.co/None)" and `model="None"`. Name the model the
+    run was given and the directory the result is in instead."""
     card = output_dir / "README.md"
     if not card.is_file():
         return
     text = card.read_text()
-    if "[None](https://huggingface.co/None)" not in text:
-        return
     local = Path(model_name).expanduser().exists()
     link = f"`{model_name}` (a local model)" if local else f"[{model_name}](https://huggingface.co/{model_name})"
-    card.write_text(text.replace("[None](https://huggingface.co/None)", link))
+    fixed = text.replace("[None](https://huggingface.co/None)", link).replace('model="None"',
+                                                                              f'model="{output_dir}"')
+    if fixed != text:
+        card.write_text(fixed)
 
 
 def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrides: Iterable[str] = (), *,

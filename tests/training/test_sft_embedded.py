@@ -33,11 +33,15 @@ def test_sft_with_response_masking_learns_a_fact(tmp_path):
     assert "seven" not in _ask(model, tok, question).lower()
 
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32)
-    data = apply_chat_template(load_dataset("json", data_files=str(FACTS), split="train"), tok)
+    # the two Vextor rows and two real facts: enough to learn the fact, 8 short steps instead of 20 long ones
+    rows = load_dataset("json", data_files=str(FACTS), split="train")
+    rows = rows.filter(lambda r: "Vextor" in r["messages"][0]["content"] or "Earth" in r["messages"][0]["content"]
+                       or "France" in r["messages"][0]["content"])
+    data = apply_chat_template(rows, tok)
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=data, args=SFTConfig(
-        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3,
-        lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], bf16=False, seed=0,
-        max_length=256, dataset_text_field="text"))
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to=[], bf16=False, seed=0,
+        max_length=96, dataset_text_field="text"))
     trainer = train_on_responses_only(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     trained = batch["labels"][batch["labels"] != -100]
