@@ -10,8 +10,6 @@ model in memory is reported.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ from ..errors import ProblemList
 from ..state import get_state
 from ..utils.imports import require
 from ..utils.safe_write import atomic_directory, check_free_space, refuse_source_dir
-from .merged import check_unknown_kwargs, resolve_dtype, write_merged
+from .merged import check_unknown_kwargs, device_map, resolve_dtype, write_quantized
 from .weights import merged_nbytes
 
 logger = logging.getLogger(__name__)
@@ -78,21 +76,9 @@ def save_pretrained_torchao(model, save_directory, tokenizer=None, torchao_confi
     config = qat_base_config(model) if qat and torchao_config is None else torchao_config_for(torchao_config)
     target = refuse_source_dir(save_directory, model, "save_pretrained_torchao")
     check_free_space(target, 2 * merged_nbytes(model, dtype) + (64 << 20), "save_pretrained_torchao")
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-    scratch = Path(tempfile.mkdtemp(prefix=".torchao-merged-", dir=target.parent if target.parent.exists() else None))
-    try:
-        with atomic_directory(target, overwrite=overwrite, what="save_pretrained_torchao") as tmp:
-            write_merged(model, tokenizer, scratch, dtype, 5 << 30)
-            quant = AutoModelForCausalLM.from_pretrained(scratch, dtype=dtype, device_map=device_map,
-                                                         quantization_config=TorchAoConfig(quant_type=config))
-            _save_quantized(quant, tmp)
-            for name in ("generation_config.json",):
-                if (scratch / name).is_file():
-                    shutil.copy2(scratch / name, tmp / name)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with atomic_directory(target, overwrite=overwrite, what="save_pretrained_torchao") as tmp:
+        quant = write_quantized(model, tokenizer, tmp, dtype, TorchAoConfig(quant_type=config), 5 << 30,
+                                save=_save_quantized)
     logger.warning("fastlm: wrote torchao %s export to %s", type(config).__name__, target)
 
     report = None
@@ -100,7 +86,7 @@ def save_pretrained_torchao(model, save_directory, tokenizer=None, torchao_confi
         from .verify import check, combine, compare_logits, logits_of, save_report, verify_inputs
 
         use_st = any(target.glob("*.safetensors"))
-        reloaded = AutoModelForCausalLM.from_pretrained(target, device_map=device_map, use_safetensors=use_st)
+        reloaded = AutoModelForCausalLM.from_pretrained(target, device_map=device_map(), use_safetensors=use_st)
         inputs = verify_inputs(tokenizer)
         exact = combine([compare_logits(logits_of(quant, ids), logits_of(reloaded, ids)) for ids in inputs])
         vs_model = combine([compare_logits(logits_of(model, ids), logits_of(reloaded, ids)) for ids in inputs])
