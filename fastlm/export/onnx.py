@@ -63,7 +63,7 @@ def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, ove
             shutil.rmtree(scratch, ignore_errors=True)
         example = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
         seq = torch.export.Dim("sequence", min=2, max=int(getattr(merged.config, "max_position_embeddings", 4096)))
-        torch.onnx.export(_LogitsOnly(merged), (example,), str(tmp / ONNX_NAME), input_names=["input_ids"],
+        torch.onnx.export(_LogitsOnly(merged).eval(), (example,), str(tmp / ONNX_NAME), input_names=["input_ids"],
                           output_names=["logits"], dynamo=True, opset_version=opset_version,
                           dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: seq}},
                           external_data=size > (1 << 30))

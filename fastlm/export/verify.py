@@ -149,6 +149,8 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
     """Load what `save_pretrained_merged` wrote, the way a user of transformers / PEFT would."""
     from transformers import AutoModelForCausalLM
 
+    from .merged import device_map
+
     if save_method == "lora":
         from peft import PeftModel
 
@@ -164,16 +166,12 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
         rows = base_model_of(model).get_input_embeddings().weight.shape[0]
         source = get_state(model).source.path
         config.vocab_size = get_state(model).source.config.get("vocab_size", rows)
-        base = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, device_map=_device_map(),
+        base = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, device_map=device_map(),
                                                     **kwargs)
         if base.get_input_embeddings().weight.shape[0] != rows:
             base.resize_token_embeddings(rows)
         return PeftModel.from_pretrained(base, str(directory))
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=_device_map())
-
-
-def _device_map():
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device_map())
 
 
 def verify_reload(model, tokenizer, directory: Path, save_method: str, dtype: torch.dtype, quantized: bool) -> dict:
