@@ -152,28 +152,42 @@ def write_merged(model, tokenizer, directory: Path, dtype: torch.dtype, shard_by
 
 
 def write_merged_4bit(model, tokenizer, directory: Path, dtype: torch.dtype, shard_bytes: int) -> None:
-    """Merge into 16-bit in a scratch directory, quantize with bitsandbytes NF4 while reloading, save."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Merge into 16-bit, quantize with bitsandbytes NF4 (double quant) while reloading, save."""
+    from transformers import BitsAndBytesConfig
 
     from ..utils.imports import require
 
     require("bitsandbytes", "save_method='merged_4bit'", "pip install bitsandbytes")
+    compute = dtype if dtype != torch.float32 or not torch.cuda.is_available() else torch.bfloat16
+    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=compute)
+    write_quantized(model, tokenizer, directory, dtype, qconfig, shard_bytes)
+
+
+def device_map():
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def write_quantized(model, tokenizer, directory: Path, dtype: torch.dtype, quantization_config, shard_bytes: int,
+                    save=None):
+    """Merge into a scratch 16-bit checkpoint beside `directory`, reload it through transformers with
+    `quantization_config`, and save the quantized model (by `save(model, dir)` when given) with the generation
+    config and tokenizer. Returns the quantized model."""
+    from transformers import AutoModelForCausalLM
+
     scratch = Path(tempfile.mkdtemp(prefix=".merged16-", dir=directory.parent))
     try:
         write_merged(model, tokenizer, scratch, dtype, shard_bytes)
-        compute = dtype if dtype != torch.float32 or not torch.cuda.is_available() else torch.bfloat16
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=compute)
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-        quant = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=qconfig, dtype=dtype,
-                                                     device_map=device_map)
-        quant.save_pretrained(directory, safe_serialization=True)
-        del quant
-        for name in ("generation_config.json",):
-            if (scratch / name).is_file():
-                shutil.copy2(scratch / name, directory / name)
+        quant = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=quantization_config, dtype=dtype,
+                                                     device_map=device_map())
+        if save is not None:
+            save(quant, directory)
+        else:
+            quant.save_pretrained(directory, safe_serialization=True)
+        if (scratch / "generation_config.json").is_file():
+            shutil.copy2(scratch / "generation_config.json", directory / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+        return quant
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-

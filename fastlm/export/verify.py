@@ -92,7 +92,7 @@ def judge(metrics: dict, tier: str) -> list[str]:
     """Reasons the metrics fail their tier (empty when they pass).
 
     exact: same weights up to fp32 rounding (max logit difference <= 1e-3 relative to the logit scale);
-    half: 16-bit rounding (mean KL <= 5e-3, top-1 agreement >= 90%);
+    half: 16-bit rounding (mean KL <= 5e-3);
     quantized: 8/4-bit weights (mean KL <= 0.1 nats); report: measured only.
     """
     bad = []
@@ -101,10 +101,8 @@ def judge(metrics: dict, tier: str) -> list[str]:
         if metrics["max_abs_logit_diff"] > tol:
             bad.append(f"max |logit difference| {metrics['max_abs_logit_diff']:.3g} > {tol:.3g}")
     elif tier == "half":
-        if metrics["mean_kl"] > 5e-3:
+        if metrics["mean_kl"] > 5e-3:  # top-1 is reported, not judged: near-ties flip under 16-bit rounding
             bad.append(f"mean KL {metrics['mean_kl']:.3g} > 5e-3")
-        if metrics["top1_agreement"] < 0.9:
-            bad.append(f"top-1 agreement {metrics['top1_agreement']:.1%} < 90%")
     elif tier == "quantized":
         if metrics["mean_kl"] > 0.1:
             bad.append(f"mean KL {metrics['mean_kl']:.3g} > 0.1")
@@ -149,6 +147,8 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
     """Load what `save_pretrained_merged` wrote, the way a user of transformers / PEFT would."""
     from transformers import AutoModelForCausalLM
 
+    from .merged import device_map
+
     if save_method == "lora":
         from peft import PeftModel
 
@@ -164,16 +164,12 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
         rows = base_model_of(model).get_input_embeddings().weight.shape[0]
         source = get_state(model).source.path
         config.vocab_size = get_state(model).source.config.get("vocab_size", rows)
-        base = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, device_map=_device_map(),
+        base = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, device_map=device_map(),
                                                     **kwargs)
         if base.get_input_embeddings().weight.shape[0] != rows:
             base.resize_token_embeddings(rows)
         return PeftModel.from_pretrained(base, str(directory))
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=_device_map())
-
-
-def _device_map():
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device_map())
 
 
 def verify_reload(model, tokenizer, directory: Path, save_method: str, dtype: torch.dtype, quantized: bool) -> dict:

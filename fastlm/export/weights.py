@@ -104,7 +104,7 @@ class SourceCheckpoint:
 
 def _clean_key(key: str, adapters: list[str]) -> str | None:
     """Checkpoint name for a state-dict key of a PEFT-wrapped model, or None for keys that are not saved."""
-    if ".lora_" in key or ".original_module." in key:
+    if ".lora_" in key or ".original_module." in key or "_fake_quantizer." in key:
         return None
     if ".modules_to_save." in key:
         head, tail = key.split(".modules_to_save.", 1)

@@ -130,6 +130,11 @@ def gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], config, fam: GGUFFam
         if hf_name.endswith(("rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")):
             continue
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None and hf_name == "lm_head.weight" and fam.arch in ("GEMMA", "GEMMA2"):
+            raise UnsupportedFeatureError(
+                f"llama.cpp's {config.model_type} architecture always uses the input embedding as the output layer, "
+                "but this model has a separate lm_head (tie_word_embeddings=False). Fix: export with "
+                "save_pretrained_merged.")
         if new is None:
             raise UnsupportedFeatureError(
                 f"GGUF export: no llama.cpp name for tensor {hf_name!r} of {config.model_type}. Fix: report this; "

@@ -14,7 +14,7 @@ import torch
 
 from ...errors import ProblemList
 from ...state import get_state
-from ...utils.imports import is_available, require
+from ...utils import imports
 from ...utils.safe_write import atomic_directory, check_free_space, refuse_source_dir
 from ..merged import check_unknown_kwargs, resolve_dtype
 from ..model_files import export_config
@@ -53,12 +53,12 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
     p.raise_if_any()
     methods = list(dict.fromkeys(methods))
 
-    require("gguf", "GGUF export", 'pip install "fastlm[gguf]"')
+    imports.require("gguf", "GGUF export", 'pip install "fastlm[gguf]"')
     needs_cpp = [m for m in methods if m not in DIRECT_TYPES]
     if needs_cpp:
-        require("llama_cpp", f"GGUF quantization {needs_cpp}", LLAMA_CPP_INSTALL)
-    if verify and not is_available("llama_cpp"):
-        require("llama_cpp", "checking the GGUF export in llama.cpp (or pass verify=False)", LLAMA_CPP_INSTALL)
+        imports.require("llama_cpp", f"GGUF quantization {needs_cpp}", LLAMA_CPP_INSTALL)
+    if verify and not imports.is_available("llama_cpp"):
+        imports.require("llama_cpp", "checking the GGUF export in llama.cpp (or pass verify=False)", LLAMA_CPP_INSTALL)
 
     state = get_state(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(state, "tokenizer", None)

@@ -18,9 +18,11 @@ def tier_for_method(method: str, source_quantized: bool) -> str:
 
 
 def load_llama(path, n_ctx: int = 128):
+    """llama.cpp with an f32 KV cache (its default f16 cache alone moves logits by ~1e-3)."""
     llama_cpp = llama_cpp_module("checking a GGUF export in llama.cpp (pass verify=False to skip)")
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                           n_threads_batch=2, seed=0)
+                           n_threads_batch=2, seed=0, type_k=llama_cpp.GGML_TYPE_F32,
+                           type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
 
 
 def _cpp_logits(llm, ids: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
            r"\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
           r"\s+(?!\S)|\s+")
-SPLIT_PATTERNS = {_GPT2: "gpt2", _LLAMA3: "llama-bpe", _QWEN2: "qwen2"}
+SPLIT_PATTERNS = {_GPT2: "gpt-2", _LLAMA3: "llama-bpe", _QWEN2: "qwen2"}
 
 
 def _tokenizer_json(tokenizer) -> dict:
@@ -34,7 +34,7 @@ def pre_tokenizer_name(tj: dict) -> str:
     pre = tj.get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kind == "Sequence":
         steps = pre.get("pretokenizers", [])
         kinds = [s.get("type") for s in steps]
