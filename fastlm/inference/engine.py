@@ -160,7 +160,9 @@ class Engine:
         return out
 
     def _graph_capture(self, fn, tok, pos):
-        saved_k, saved_v = self.cache.k.clone(), self.cache.v.clone()  # warm-up runs write position 0
+        b = tok.shape[0]
+        # warm-up and capture write position 0 of slots 0..b-1, which may hold a live sequence: keep it
+        saved_k, saved_v = self.cache.k[:, :b, :, 0].clone(), self.cache.v[:, :b, :, 0].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -171,8 +173,8 @@ class Engine:
         with torch.cuda.graph(graph), torch.no_grad():
             out = fn(tok, pos)
         torch.cuda.synchronize()
-        self.cache.k.copy_(saved_k)
-        self.cache.v.copy_(saved_v)
+        self.cache.k[:, :b, :, 0] = saved_k
+        self.cache.v[:, :b, :, 0] = saved_v
         del saved_k, saved_v
         return graph, tok, pos, out
 

@@ -57,6 +57,8 @@ class Scheduler:
         self.sampler = Sampler(s, engine.vocab_size, dev)
         self.slot_req: list[Request | None] = [None] * s
         self.delivered = [0] * s
+        self.host_max_new = [1] * s
+        self.left = [0] * s  # host bound on the tokens a slot may still produce (as of the last sync)
         self.pending: collections.deque[Request] = collections.deque()
         self.finished: list[Result] = []
 
@@ -88,7 +90,7 @@ class Scheduler:
             return []
         b = self.engine.bucket(max(occupied) + 1)
         streaming = any(self.slot_req[i].on_tokens is not None for i in occupied)
-        n = 1 if streaming else self.sync_every
+        n = 1 if streaming else min(self.sync_every, max(self.left[i] for i in occupied))
         rows = torch.arange(b, device=self.engine.device)
         row_ids = list(range(b))
         for _ in range(n):
@@ -116,7 +118,9 @@ class Scheduler:
             eos = [] if r.params.ignore_eos else list(r.eos_ids)
             self.sampler.set_slot(s, r.params, eos + list(r.params.stop_token_ids or []), r.prompt_ids)
             room = self.engine.max_len - len(r.prompt_ids)
-            self.max_new[s] = min(r.params.max_tokens or room, room)
+            self.host_max_new[s] = min(r.params.max_tokens or room, room)
+            self.max_new[s] = self.host_max_new[s]
+            self.left[s] = max(1, self.host_max_new[s] - 1)
             self.pos[s] = len(r.prompt_ids)
             if r.params.logprobs is not None and self.logp is None:
                 k = 1 + max(r.params.logprobs, 20)
@@ -164,6 +168,8 @@ class Scheduler:
             host = self.gen[need, :max(width, 1)].tolist()
             rows = {i: host[j][:n_gen[i]] for j, i in enumerate(need)}
         out = []
+        for i in occupied:
+            self.left[i] = max(1, self.host_max_new[i] - n_gen[i]) if not done[i] else 1
         for i in need:
             req, ids = self.slot_req[i], rows[i]
             reason, stop_str = None, None
