@@ -228,13 +228,13 @@ class DecoderView:
 
     def forward(self, tokens, positions, slots, k_cache, v_cache, last=None, kv_len: int | None = None):
         """tokens/positions [B, T] (long), slots [B] or None for slots 0..B-1 (decode: cache views, no gather);
-        caches [layers, slots, kv, L, D] written at `positions`.
+        k_cache / v_cache: per layer [slots, kv, L, D], written in place at `positions`.
         `last` [B]: index in T whose logits are returned (None: T-1). `kv_len`: attend only to the first kv_len
         cache positions (prefill; decode uses the whole static cache)."""
         b, t = tokens.shape
         x = self.embed(tokens)
         hd = self.head_dim
-        pos_c = positions.clamp(max=k_cache.shape[3] - 1)
+        pos_c = positions.clamp(max=k_cache[0].shape[2] - 1)
         for i, lv in enumerate(self.layers):
             cos_t, sin_t = self.rope[lv.rope_key]
             cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]

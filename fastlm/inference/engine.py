@@ -124,6 +124,8 @@ class Engine:
             fn = self._step_fn()
             return fn(tokens, positions)
         graph = self._graphs.get(b) or self._capture(b)
+        if graph is None:  # capture failed: this engine decodes without graphs from now on
+            return self._step_fn()(tokens, positions)
         g, static_tok, static_pos, static_out = graph
         static_tok.copy_(tokens)
         static_pos.copy_(positions)
@@ -134,7 +136,8 @@ class Engine:
         if not self.use_compile:
             return self._decode_eager
         if self._compiled is None:
-            self._compiled = torch.compile(self._decode_eager, dynamic=False, fullgraph=False)
+            # batch buckets differ only in the batch size: automatic dynamic shapes compile it once more at most
+            self._compiled = torch.compile(self._decode_eager, fullgraph=False)
         return self._compiled
 
     def _capture(self, b: int):
@@ -147,14 +150,22 @@ class Engine:
         try:
             out = self._graph_capture(fn, tok, pos)
         except Exception as exc:  # noqa: BLE001 - fall back, reported once
+            out = None
             if self.use_compile:
                 logger.warning("fastlm engine: compiled decode step could not be captured (%s); capturing "
-                               "the eager step instead", str(exc).splitlines()[0][:200])
+                               "the eager step instead", _first_line(exc))
                 self.use_compile = False
                 self._compiled = None
-                out = self._graph_capture(self._decode_eager, tok, pos)
-            else:
-                raise
+                try:
+                    out = self._graph_capture(self._decode_eager, tok, pos)
+                except Exception as exc2:  # noqa: BLE001
+                    exc = exc2
+            if out is None:
+                logger.warning("fastlm engine: the decode step could not be captured in a CUDA graph (%s); "
+                               "decoding without graphs", _first_line(exc))
+                self.use_graphs = False
+                torch.cuda.synchronize()
+                return None
         self._graphs[b] = out
         self.warmup_seconds += time.perf_counter() - start
         return out
@@ -162,20 +173,21 @@ class Engine:
     def _graph_capture(self, fn, tok, pos):
         b = tok.shape[0]
         # warm-up and capture write position 0 of slots 0..b-1, which may hold a live sequence: keep it
-        saved_k, saved_v = self.cache.k[:, :b, :, 0].clone(), self.cache.v[:, :b, :, 0].clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):
-                fn(tok, pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            out = fn(tok, pos)
-        torch.cuda.synchronize()
-        self.cache.k[:, :b, :, 0] = saved_k
-        self.cache.v[:, :b, :, 0] = saved_v
-        del saved_k, saved_v
+        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(3):
+                    fn(tok, pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                out = fn(tok, pos)
+            torch.cuda.synchronize()
+        finally:
+            for t, kept in zip(self.cache.k + self.cache.v, saved):
+                t[:b, :, 0] = kept
         return graph, tok, pos, out
 
     def warmup(self, buckets: list[int] | None = None) -> float:
@@ -185,9 +197,13 @@ class Engine:
         start = time.perf_counter()
         for b in buckets or [1]:
             bb = self.bucket(b)
-            if bb not in self._graphs:
+            if bb not in self._graphs and self.use_graphs:
                 self._capture(bb)
         return time.perf_counter() - start
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def get_engine(model, slots: int, max_len: int) -> Engine:
