@@ -166,6 +166,7 @@ def check_shape(name, device, dtype, steps):
         row["engine_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         traceback.print_exc()
     del engine, model
+    torch._dynamo.reset()  # drop this shape's compiled graphs before the next shape
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

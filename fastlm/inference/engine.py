@@ -136,6 +136,13 @@ class Engine:
         if not self.use_compile:
             return self._decode_eager
         if self._compiled is None:
+            import torch._dynamo as dynamo
+
+            # every engine (and batch-size bucket) is a fresh compile of the same code: keep dynamo from falling
+            # back to eager after its default limit of 8
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            if hasattr(dynamo.config, "accumulated_cache_size_limit"):
+                dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
             # batch buckets differ only in the batch size: automatic dynamic shapes compile it once more at most
             self._compiled = torch.compile(self._decode_eager, fullgraph=False)
         return self._compiled

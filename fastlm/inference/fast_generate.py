@@ -105,7 +105,7 @@ def fast_generate(model, prompts, sampling_params=None, lora_request=None, use_t
     """Generate for one or many prompts; returns a list of `RequestOutput` (vLLM's shape), in prompt order.
 
     sampling_params: a SamplingParams, a list of one per prompt, or None (SamplingParams()).
-    use_tqdm: accepted for vLLM compatibility (the engine shows no bar). max_num_seqs: slots decoded together.
+    use_tqdm: show a progress bar over finished outputs. max_num_seqs: slots decoded together.
     """
     backend = getattr(base_model_of(model), "_fastlm_vllm", None)
     if backend is not None:
@@ -124,7 +124,8 @@ def fast_generate(model, prompts, sampling_params=None, lora_request=None, use_t
         raise ConfigError("fast_generate", [Problem("max_num_seqs", max_num_seqs, "an int >= 1", "use 64")])
     eos = eos_ids_of(model, tokenizer)
     cap = int(getattr(base_model_of(model), "max_seq_length", 0) or 2048)
-    need = max(len(ids) + (p.max_tokens or cap) for (_, ids), p in zip(items, params))
+    # max_tokens=None: up to max_seq_length in all (prompt + output)
+    need = max(len(ids) + (p.max_tokens or max(1, cap - len(ids))) for (_, ids), p in zip(items, params))
     restore = _use_adapter(model, lora_request)
     try:
         requests = []
@@ -132,11 +133,11 @@ def fast_generate(model, prompts, sampling_params=None, lora_request=None, use_t
             for j in range(p.n):
                 pj = p if p.n == 1 or p.seed is None else _with_seed(p, p.seed + j)
                 requests.append(Request(ids, pj, eos_ids=eos, tag=(i, j)))
-        engine = get_engine(model, slots=min(slots, len(requests)), max_len=min(need, max(cap, need)))
+        engine = get_engine(model, slots=min(slots, len(requests)), max_len=need)
         sched = Scheduler(engine, tokenizer)
         for r in requests:
             sched.add(r)
-        results = sched.run_all()
+        results = _run(sched, len(requests), use_tqdm)
     finally:
         restore()
     outputs = [RequestOutput(str(i), text, ids) for i, (text, ids) in enumerate(items)]
@@ -144,6 +145,18 @@ def fast_generate(model, prompts, sampling_params=None, lora_request=None, use_t
         i, j = res.request.tag
         outputs[i].outputs.append(_completion(j, res, tokenizer))
     return outputs
+
+
+def _run(sched, total: int, use_tqdm: bool):
+    if not use_tqdm:
+        return sched.run_all()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="fast_generate", unit="seq") as bar:
+        while sched.busy():
+            bar.update(len(sched.step()))
+    out, sched.finished = sched.finished, []
+    return out
 
 
 def _with_seed(p: SamplingParams, seed: int) -> SamplingParams:

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels (the NF4 decode GEMV) run on CPU under the interpreter only
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastlm import FastLanguageModel
 from fastlm.inference.attach import attach_inference_methods, enable_fast_generate

@@ -79,7 +79,7 @@ def test_lora_request_selects_a_loaded_adapter(tiny_model_factory, loaded, tmp_p
 
 def test_thinking_split_of_outputs(tiny_model_factory, loaded):
     model, tok = loaded(tiny_model_factory("llama"))
-    outs = model.fast_generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6))
+    outs = model.fast_generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6), use_tqdm=True)
     pairs = split_thinking_outputs(outs, tok)
     assert [a for _, a in pairs] == [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip()
                                      for o in outs]
