@@ -112,14 +112,31 @@ class Projection:
                 self.absmax = torch.cat([b[2] for b in bases])
                 self.code = bases[0][3]
                 self.blocksize, self.k, self.n = blocksize, k, sum(outs)
-        self.lora = []  # (A, B, scale, start, stop) over the concatenated output
+        self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
         for (_, out, terms) in read:
             for a, b, s in terms:
                 self.lora.append((a, b, s, start, start + out))
             start += out
+        if self.lora:
+            # all adapters of the group in two matmuls: A stacked [R, K] and B block-diagonal [N, R] with the
+            # scale folded in; `refresh_adapters` copies the live A/B in (after training steps, before decoding)
+            a0 = self.lora[0][0]
+            rank = sum(a.shape[0] for a, *_ in self.lora)
+            self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
+            self.lora_b = torch.zeros(start, rank, dtype=a0.dtype, device=a0.device)
+            self.refresh_adapters()
         self.kind = kind
         self.fused = True
+
+    @torch.no_grad()
+    def refresh_adapters(self) -> None:
+        r0 = 0
+        for a, b, s, start, stop in self.lora:
+            r1 = r0 + a.shape[0]
+            self.lora_a[r0:r1].copy_(a)
+            self.lora_b[start:stop, r0:r1].copy_(b * s)
+            r0 = r1
 
     def _module_outputs(self, x):
         outs = [m(x) for m in self.modules]
@@ -143,17 +160,7 @@ class Projection:
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.lora:
-            parts = []
-            pos = 0
-            for a, b, s, start, stop in self.lora:
-                if start > pos:
-                    parts.append(y[..., pos:start])
-                xa = x.to(a.dtype)
-                parts.append(y[..., start:stop] + (F.linear(F.linear(xa, a), b) * s).to(y.dtype))
-                pos = stop
-            if pos < y.shape[-1]:
-                parts.append(y[..., pos:])
-            y = torch.cat(parts, -1)
+            y = y + F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(y.dtype)
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
 
 
@@ -257,8 +264,15 @@ class DecoderView:
                 scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 window=int(window) if window else None, softcap=attn_cap, rope_key=key))
         self.rope = _rope_tables(model, max_len, self.device, self.dtype, rope_keys)
+        self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
+
+    def refresh_adapters(self) -> None:
+        """Copy the live LoRA weights into the fused adapter buffers (cheap; in place, so graphs stay valid)."""
+        for p in self.projections:
+            if p.fused and p.lora:
+                p.refresh_adapters()
 
     # ------------------------------------------------------------------ the math
     def attention(self, lv: LayerView, q, k, v, q_pos):

@@ -43,6 +43,7 @@ class Result:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer=None, sync_every: int = 8):
         self.engine = engine
+        engine.view.refresh_adapters()  # adapters may have been trained since the engine was built
         self.tokenizer = tokenizer
         self.sync_every = max(1, int(sync_every))
         s, cap, dev = engine.max_slots, engine.max_len, engine.device

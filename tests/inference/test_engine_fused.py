@@ -28,3 +28,19 @@ def test_unknown_family_is_refused_with_a_reason(tiny_model_factory):
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="model_type='gpt2'"):
         Engine(model)
+
+
+def test_fused_adapters_follow_training_updates(tiny_model_factory, loaded):
+    model, tok = loaded(tiny_model_factory("llama"), lora=True)
+    prompt = [tok("the cat is red")["input_ids"]]
+    fused = Engine(model, max_slots=1, max_len=32, fuse=True)
+    before = fused.prefill([0], prompt)
+    with torch.no_grad():  # an optimizer step changes the adapter in place
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    fused.view.refresh_adapters()  # what every Scheduler does before decoding
+    after = fused.prefill([0], prompt)
+    reference = Engine(model, max_slots=1, max_len=32, fuse=False).prefill([0], prompt)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    assert (after - before).abs().max() > 1e-3
