@@ -24,16 +24,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
+
+
+def _read_base(base):
+    """("dense", weight, bias) for nn.Linear, ("nf4", packed, absmax, code, blocksize, bias) for a bitsandbytes
+    NF4 Linear4bit, else None."""
+    if type(base) is nn.Linear:
+        return ("dense", base.weight, base.bias)
+    state = getattr(getattr(base, "weight", None), "quant_state", None)
+    if type(base).__name__ == "Linear4bit" and state is not None and getattr(state, "quant_type", "") == "nf4":
+        from ..kernels.decode_nf4 import nf4_absmax_fp32
+
+        return ("nf4", base.weight.data, nf4_absmax_fp32(state), state.code.float(), int(state.blocksize),
+                base.bias)
+    return None
+
+
 def _lora_terms(module):
-    """(base nn.Linear, [(A, B, scale)]) of a PEFT LoRA linear in its current adapter state, or None when the
-    module is something the fused path cannot read exactly (DoRA, quantized base, merged, other adapters)."""
+    """(base read by _read_base, out_features, [(A, B, scale)]) of a linear or a PEFT LoRA linear in its current
+    adapter state, or None when the fused path cannot read it exactly (DoRA, other adapter kinds, other layers)."""
     base = getattr(module, "base_layer", None)
     if base is None:
-        return (module, []) if type(module) is nn.Linear else None
-    if type(base) is not nn.Linear or not hasattr(module, "lora_A"):
+        read = _read_base(module)
+        return None if read is None else (read, module.out_features, [])
+    read = _read_base(base)
+    if read is None or not hasattr(module, "lora_A"):
         return None
     if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
-        return (base, [])
+        return (read, base.out_features, [])
     terms = []
     for name in module.active_adapters:
         if name not in module.lora_A:
@@ -44,61 +63,104 @@ def _lora_terms(module):
         if name in variants:
             return None
         terms.append((module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])))
-    return (base, terms)
+    return (read, base.out_features, terms)
 
 
 class Projection:
     """Several output groups from one input: `outputs(x) -> list of tensors` split by `sizes`.
 
     Module mode calls the HF modules (the exact PEFT / bitsandbytes forward). Fused mode multiplies one
-    concatenated base weight and adds each LoRA term to its slice: base + scale * B(A x), unmerged.
+    concatenated base weight and adds each LoRA term to its slice: base + scale * B(A x), unmerged. For NF4
+    bases the fused weight stays 4-bit: small batches run the NF4 GEMV kernel, larger ones call the modules.
     """
 
     def __init__(self, modules: list[nn.Module], sizes: list[int], fuse: bool):
         self.modules = modules
         self.sizes = sizes
         self.fused = False
+        self.kind = "modules"
         if fuse:
             read = [_lora_terms(m) for m in modules]
-            if all(r is not None for r in read):
+            if all(r is not None for r in read) and len({r[0][0] for r in read}) == 1:
                 self._build_fused(read)
 
     def _build_fused(self, read) -> None:
+        kind = read[0][0][0]
         bases = [r[0] for r in read]
+        outs = [r[1] for r in read]
         with torch.no_grad():
-            self.weight = torch.cat([b.weight for b in bases], 0) if len(bases) > 1 else bases[0].weight
-            if any(b.bias is not None for b in bases):
-                self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features)
-                                       for b in bases], 0)
+            biases = [b[-1] for b in bases]
+            if any(b is not None for b in biases):
+                ref = bases[0][1]
+                self.bias = torch.cat([b if b is not None else torch.zeros(o, dtype=torch.float32, device=ref.device)
+                                       for b, o in zip(biases, outs)], 0)
             else:
                 self.bias = None
-        self.lora = []  # (A, B, scale, start, stop) over the concatenated output
+            if kind == "dense":
+                ws = [b[1] for b in bases]
+                self.weight = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
+                if self.bias is not None:
+                    self.bias = self.bias.to(self.weight.dtype)
+            else:
+                k = self.modules[0].in_features if hasattr(self.modules[0], "in_features") else None
+                k = k or self.modules[0].base_layer.in_features
+                blocksize = bases[0][4]
+                if any(b[4] != blocksize for b in bases) or any(o * k % blocksize for o in outs) or any(
+                        not torch.equal(b[3], bases[0][3]) for b in bases):
+                    return
+                self.packed = torch.cat([b[1].reshape(-1) for b in bases])
+                self.absmax = torch.cat([b[2] for b in bases])
+                self.code = bases[0][3]
+                self.blocksize, self.k, self.n = blocksize, k, sum(outs)
+        self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
-        for (base, terms) in read:
+        for (_, out, terms) in read:
             for a, b, s in terms:
-                self.lora.append((a, b, s, start, start + base.out_features))
-            start += base.out_features
+                self.lora.append((a, b, s, start, start + out))
+            start += out
+        if self.lora:
+            # all adapters of the group in two matmuls: A stacked [R, K] and B block-diagonal [N, R] with the
+            # scale folded in; `refresh_adapters` copies the live A/B in (after training steps, before decoding)
+            a0 = self.lora[0][0]
+            rank = sum(a.shape[0] for a, *_ in self.lora)
+            self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
+            self.lora_b = torch.zeros(start, rank, dtype=a0.dtype, device=a0.device)
+            self.refresh_adapters()
+        self.kind = kind
         self.fused = True
+
+    @torch.no_grad()
+    def refresh_adapters(self) -> None:
+        r0 = 0
+        for a, b, s, start, stop in self.lora:
+            r1 = r0 + a.shape[0]
+            self.lora_a[r0:r1].copy_(a)
+            self.lora_b[start:stop, r0:r1].copy_(b * s)
+            r0 = r1
+
+    def _module_outputs(self, x):
+        outs = [m(x) for m in self.modules]
+        if len(outs) == len(self.sizes):
+            return outs
+        return list(torch.split(outs[0], self.sizes, dim=-1))
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.fused:
-            outs = [m(x) for m in self.modules]
-            if len(outs) == len(self.sizes):
-                return outs
-            return list(torch.split(outs[0], self.sizes, dim=-1))
-        y = F.linear(x, self.weight, self.bias)
+            return self._module_outputs(x)
+        if self.kind == "nf4":
+            rows = x.numel() // x.shape[-1]
+            if rows > NF4_MAX_ROWS:
+                return self._module_outputs(x)
+            from ..kernels.decode_nf4 import nf4_gemv
+
+            y = nf4_gemv(x.reshape(rows, self.k), self.packed, self.absmax, self.code, self.n, self.k,
+                         self.blocksize).reshape(*x.shape[:-1], self.n)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora:
-            parts = []
-            pos = 0
-            for a, b, s, start, stop in self.lora:
-                if start > pos:
-                    parts.append(y[..., pos:start])
-                xa = x.to(a.dtype)
-                parts.append(y[..., start:stop] + F.linear(F.linear(xa, a), b) * s)
-                pos = stop
-            if pos < y.shape[-1]:
-                parts.append(y[..., pos:])
-            y = torch.cat(parts, -1)
+            y = y + F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(y.dtype)
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
 
 
@@ -202,8 +264,15 @@ class DecoderView:
                 scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 window=int(window) if window else None, softcap=attn_cap, rope_key=key))
         self.rope = _rope_tables(model, max_len, self.device, self.dtype, rope_keys)
+        self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
+
+    def refresh_adapters(self) -> None:
+        """Copy the live LoRA weights into the fused adapter buffers (cheap; in place, so graphs stay valid)."""
+        for p in self.projections:
+            if p.fused and p.lora:
+                p.refresh_adapters()
 
     # ------------------------------------------------------------------ the math
     def attention(self, lv: LayerView, q, k, v, q_pos):
@@ -228,13 +297,13 @@ class DecoderView:
 
     def forward(self, tokens, positions, slots, k_cache, v_cache, last=None, kv_len: int | None = None):
         """tokens/positions [B, T] (long), slots [B] or None for slots 0..B-1 (decode: cache views, no gather);
-        caches [layers, slots, kv, L, D] written at `positions`.
+        k_cache / v_cache: per layer [slots, kv, L, D], written in place at `positions`.
         `last` [B]: index in T whose logits are returned (None: T-1). `kv_len`: attend only to the first kv_len
         cache positions (prefill; decode uses the whole static cache)."""
         b, t = tokens.shape
         x = self.embed(tokens)
         hd = self.head_dim
-        pos_c = positions.clamp(max=k_cache.shape[3] - 1)
+        pos_c = positions.clamp(max=k_cache[0].shape[2] - 1)
         for i, lv in enumerate(self.layers):
             cos_t, sin_t = self.rope[lv.rope_key]
             cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]

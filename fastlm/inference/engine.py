@@ -124,6 +124,8 @@ class Engine:
             fn = self._step_fn()
             return fn(tokens, positions)
         graph = self._graphs.get(b) or self._capture(b)
+        if graph is None:  # capture failed: this engine decodes without graphs from now on
+            return self._step_fn()(tokens, positions)
         g, static_tok, static_pos, static_out = graph
         static_tok.copy_(tokens)
         static_pos.copy_(positions)
@@ -134,7 +136,15 @@ class Engine:
         if not self.use_compile:
             return self._decode_eager
         if self._compiled is None:
-            self._compiled = torch.compile(self._decode_eager, dynamic=False, fullgraph=False)
+            import torch._dynamo as dynamo
+
+            # every engine (and batch-size bucket) is a fresh compile of the same code: keep dynamo from falling
+            # back to eager after its default limit of 8
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            if hasattr(dynamo.config, "accumulated_cache_size_limit"):
+                dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
+            # batch buckets differ only in the batch size: automatic dynamic shapes compile it once more at most
+            self._compiled = torch.compile(self._decode_eager, fullgraph=False)
         return self._compiled
 
     def _capture(self, b: int):
@@ -147,33 +157,44 @@ class Engine:
         try:
             out = self._graph_capture(fn, tok, pos)
         except Exception as exc:  # noqa: BLE001 - fall back, reported once
+            out = None
             if self.use_compile:
                 logger.warning("fastlm engine: compiled decode step could not be captured (%s); capturing "
-                               "the eager step instead", str(exc).splitlines()[0][:200])
+                               "the eager step instead", _first_line(exc))
                 self.use_compile = False
                 self._compiled = None
-                out = self._graph_capture(self._decode_eager, tok, pos)
-            else:
-                raise
+                try:
+                    out = self._graph_capture(self._decode_eager, tok, pos)
+                except Exception as exc2:  # noqa: BLE001
+                    exc = exc2
+            if out is None:
+                logger.warning("fastlm engine: the decode step could not be captured in a CUDA graph (%s); "
+                               "decoding without graphs", _first_line(exc))
+                self.use_graphs = False
+                torch.cuda.synchronize()
+                return None
         self._graphs[b] = out
         self.warmup_seconds += time.perf_counter() - start
         return out
 
     def _graph_capture(self, fn, tok, pos):
-        saved_k, saved_v = self.cache.k.clone(), self.cache.v.clone()  # warm-up runs write position 0
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):
-                fn(tok, pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            out = fn(tok, pos)
-        torch.cuda.synchronize()
-        self.cache.k.copy_(saved_k)
-        self.cache.v.copy_(saved_v)
-        del saved_k, saved_v
+        b = tok.shape[0]
+        # warm-up and capture write position 0 of slots 0..b-1, which may hold a live sequence: keep it
+        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(3):
+                    fn(tok, pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                out = fn(tok, pos)
+            torch.cuda.synchronize()
+        finally:
+            for t, kept in zip(self.cache.k + self.cache.v, saved):
+                t[:b, :, 0] = kept
         return graph, tok, pos, out
 
     def warmup(self, buckets: list[int] | None = None) -> float:
@@ -183,9 +204,13 @@ class Engine:
         start = time.perf_counter()
         for b in buckets or [1]:
             bb = self.bucket(b)
-            if bb not in self._graphs:
+            if bb not in self._graphs and self.use_graphs:
                 self._capture(bb)
         return time.perf_counter() - start
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def get_engine(model, slots: int, max_len: int) -> Engine:

@@ -59,3 +59,15 @@ def parse_thinking_response(token_ids: Sequence[int], tokenizer, end_token: str 
     if start_token in decoded:
         return ThinkingResponse(decoded.split(start_token, 1)[1].strip(), "", False)
     return ThinkingResponse("", text(ids), True)
+
+
+def split_thinking_outputs(outputs, tokenizer, end_token: str = DEFAULT_THINK_END,
+                           start_token: str = DEFAULT_THINK_START) -> list[tuple[str, str]]:
+    """`(thinking, answer)` for every completion of `fast_generate`'s outputs (RequestOutput objects, vLLM's or
+    fastlm's), in order: prompt by prompt, then each of its `n` completions."""
+    pairs = []
+    for out in outputs:
+        for completion in out.outputs:
+            parsed = parse_thinking_response(list(completion.token_ids), tokenizer, end_token, start_token)
+            pairs.append((parsed.thinking, parsed.content))
+    return pairs

@@ -1,0 +1,222 @@
+"""GPU check of the fastlm decode engine at bf16 on real-size random models, in one command.
+
+For each shape (LoRA attached where marked): teacher-forced parity with transformers (the engine decodes HF's own
+greedy tokens; argmax agreement and the largest logit difference per step), the CUDA-graph step against the eager
+step (capture correctness), free-running greedy through the engine-backed `generate` vs HF (common prefix per
+row of a left-padded batch), continuous batching vs one-by-one, and batch-1 decode speed. Prints a table, then one
+JSON line last. Every check is caught and reported, so one failure does not cost the rest of the run.
+
+    python scripts/gpu_engine_check.py                       # default shapes
+    python scripts/gpu_engine_check.py --shapes tiny-llama --device cpu   # the CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastlm.bench.generate import build_model, weight_bytes  # noqa: E402
+from fastlm.inference.engine import Engine  # noqa: E402
+from fastlm.inference.generate import engine_generate  # noqa: E402
+from fastlm.inference.sampling import SamplingParams  # noqa: E402
+from fastlm.inference.scheduler import Request, Scheduler  # noqa: E402
+
+DEFAULT_SHAPES = ["llama-3.2-1b:lora", "qwen3-0.6b", "gemma-2-2b"]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def teacher_forced(model, engine, prompt, steps):
+    """HF greedy with its logits; the engine decodes the same tokens. -> (argmax agreement, max |diff|, scale)."""
+    out = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    hf_tokens = out.sequences[0, prompt.shape[1]:]
+    hf_logits = torch.stack([lg[0].float() for lg in out.logits])  # [steps, V]
+    ours = [engine.prefill([0], [prompt[0].tolist()])[0].clone()]
+    pos = prompt.shape[1]
+    for i in range(steps - 1):
+        tok = hf_tokens[i:i + 1].to(engine.device)
+        ours.append(engine.decode(tok, torch.tensor([pos + i], device=engine.device))[0].clone())
+    ours = torch.stack(ours)
+    agree = (ours.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
+    return agree, (ours - hf_logits).abs().max().item(), hf_logits.std().item()
+
+
+def graph_vs_eager(model, prompt, steps, device):
+    """The same greedy decode through the captured step and through the plain eager step."""
+    runs = []
+    for graphs in (True, False):
+        eng = Engine(model, max_slots=1, max_len=prompt.shape[1] + steps + 1, cuda_graphs=graphs, compile=graphs)
+        lg = eng.prefill([0], [prompt[0].tolist()])
+        tok, toks, logits = lg.argmax(-1), [], []
+        for i in range(steps):
+            toks.append(int(tok))
+            out = eng.decode(tok, torch.tensor([prompt.shape[1] + i], device=device))
+            logits.append(out[0].clone())
+            tok = out.argmax(-1)
+        runs.append((toks, torch.stack(logits)))
+        del eng
+    same = sum(1 for a, b in zip(runs[0][0], runs[1][0]) if a == b) / steps
+    return same, (runs[0][1] - runs[1][1]).abs().max().item()
+
+
+def free_running(model, tokenizer_pad, device, steps):
+    """A left-padded batch of 3 through the engine-backed generate vs HF's generate: common prefix per row."""
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    lens = [24, 9, 17]
+    width = max(lens)
+    ids = torch.full((3, width), tokenizer_pad, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for r, n in enumerate(lens):
+        ids[r, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[r, width - n:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    kw = dict(attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    ref = model.generate(ids, **kw)[:, width:]
+    ours = engine_generate(model, model.generate, ids, **kw)[:, width:]
+    prefixes = []
+    for r in range(3):
+        same = (ref[r] == ours[r]).int()
+        prefixes.append(int(same.cumprod(0).sum()))
+    return prefixes
+
+
+def batching_equals_alone(engine, vocab, device, steps):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7)]
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    sched = Scheduler(engine)
+    for i, p in enumerate(prompts):
+        sched.add(Request(p, params, tag=i))
+    together = {r.request.tag: r.token_ids for r in sched.run_all()}
+    same = 0
+    for i, p in enumerate(prompts):
+        s = Scheduler(engine)
+        s.add(Request(p, params))
+        alone = s.run_all()[0].token_ids
+        same += int(alone == together[i])
+    return same, len(prompts)
+
+
+def speed(engine, vocab, device, prompt_len, new_tokens):
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for n in (8, new_tokens):
+        s = Scheduler(engine, sync_every=16)
+        s.add(Request(prompt, dataclass_replace(params, max_tokens=n)))
+        _sync(device)
+        start = time.perf_counter()
+        s.run_all()
+        _sync(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def dataclass_replace(p, **kw):
+    import dataclasses
+
+    return dataclasses.replace(p, **kw)
+
+
+def check_shape(name, device, dtype, steps):
+    shape, _, opt = name.partition(":")
+    row = {"shape": shape, "lora": opt == "lora"}
+    model = build_model(shape, dtype, device, lora_rank=16 if opt == "lora" else 0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab = base.config.vocab_size
+    row["weight_gb"] = round(weight_bytes(model) / 1e9, 3)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, 32), generator=g).to(device)
+    checks = {
+        "teacher_forced": lambda: teacher_forced(model, Engine(model, max_slots=1, max_len=32 + steps + 1), prompt,
+                                                 steps),
+        "graph_vs_eager": lambda: graph_vs_eager(model, prompt, steps, device),
+        "free_running_prefix": lambda: free_running(model, 0, device, steps),
+    }
+    engine = None
+    for key, fn in checks.items():
+        try:
+            row[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row[key] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            traceback.print_exc()
+    try:
+        engine = Engine(model, max_slots=8, max_len=128 + 256 + 1)
+        start = time.perf_counter()
+        engine.warmup([1, 8])
+        row["warmup_s"] = round(time.perf_counter() - start, 1)
+        row["batching_equals_alone"] = batching_equals_alone(engine, vocab, device, 24)
+        row["tok_s_b1"] = round(speed(engine, vocab, device, 128, 256), 1)
+        row["gbps_b1"] = round(row["tok_s_b1"] * row["weight_gb"], 1)
+        row["fused"] = engine.view.fused
+        row["graphs"] = engine.use_graphs
+        row["compiled"] = engine.use_compile
+    except Exception as exc:  # noqa: BLE001
+        row["engine_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        traceback.print_exc()
+    del engine, model
+    torch._dynamo.reset()  # drop this shape's compiled graphs before the next shape
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def verdict(row, steps) -> bool:
+    tf = row.get("teacher_forced")
+    ge = row.get("graph_vs_eager")
+    ok = isinstance(tf, tuple) and tf[0] >= 0.9
+    ok &= isinstance(ge, tuple) and ge[0] >= 0.9
+    be = row.get("batching_equals_alone")
+    ok &= isinstance(be, tuple) and be[0] >= be[1] - 1
+    return bool(ok)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="NAME or NAME:lora, comma-separated")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    rows = []
+    for name in [s for s in args.shapes.split(",") if s]:
+        t0 = time.perf_counter()
+        try:
+            row = check_shape(name, args.device, dtype, args.steps)
+        except Exception as exc:  # noqa: BLE001
+            row = {"shape": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            traceback.print_exc()
+        row["ok"] = verdict(row, args.steps)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    print("\nshape               lora  tf-agree  tf-maxdiff  graph=eager  free-prefix      batch=alone  "
+          "tok/s(b1)  GB/s   warmup  ok")
+    for r in rows:
+        tf = r.get("teacher_forced")
+        ge = r.get("graph_vs_eager")
+        print(f"{r['shape']:<19} {str(r.get('lora', '')):<5} "
+              f"{(f'{tf[0]:.2f}' if isinstance(tf, tuple) else 'ERR'):>8}  "
+              f"{(f'{tf[1]:.3f}' if isinstance(tf, tuple) else '-'):>10}  "
+              f"{(f'{ge[0]:.2f}' if isinstance(ge, tuple) else 'ERR'):>11}  "
+              f"{str(r.get('free_running_prefix', '-'))[:15]:<15}  {str(r.get('batching_equals_alone', '-')):<11}  "
+              f"{r.get('tok_s_b1', '-'):>9}  {r.get('gbps_b1', '-'):>5}  {r.get('warmup_s', '-'):>6}  {r['ok']}")
+    summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+               "all_ok": all(r["ok"] for r in rows), "rows": rows}
+    print(json.dumps(summary, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The fused-weight path (the CUDA default) computes what the module path computes, LoRA and biases included."""
+import pytest
+import torch
+
+from fastlm.inference.engine import Engine
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
+def test_fused_projections_equal_module_calls(tiny_model_factory, loaded, model_type):
+    model, tok = loaded(tiny_model_factory(model_type), lora=True)
+    prompts = [tok("the cat is red")["input_ids"], tok("one")["input_ids"]]
+    outs = []
+    for fuse in (False, True):
+        eng = Engine(model, max_slots=2, max_len=32, fuse=fuse)
+        assert eng.view.fused is fuse
+        first = eng.prefill([0, 1], prompts)
+        step = eng.decode(first.argmax(-1), torch.tensor([len(p) for p in prompts]))
+        outs.append((first, step))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_family_is_refused_with_a_reason(tiny_model_factory):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from fastlm.inference.engine import UnsupportedModelError
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="model_type='gpt2'"):
+        Engine(model)
+
+
+def test_fused_adapters_follow_training_updates(tiny_model_factory, loaded):
+    model, tok = loaded(tiny_model_factory("llama"), lora=True)
+    prompt = [tok("the cat is red")["input_ids"]]
+    fused = Engine(model, max_slots=1, max_len=32, fuse=True)
+    before = fused.prefill([0], prompt)
+    with torch.no_grad():  # an optimizer step changes the adapter in place
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    fused.view.refresh_adapters()  # what every Scheduler does before decoding
+    after = fused.prefill([0], prompt)
+    reference = Engine(model, max_slots=1, max_len=32, fuse=False).prefill([0], prompt)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    assert (after - before).abs().max() > 1e-3
