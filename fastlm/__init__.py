@@ -13,6 +13,7 @@ from .version import __version__  # noqa: F401
 _PUBLIC = {
     "FastLanguageModel": (".api", "FastLanguageModel"),
     "FastModel": (".api", "FastModel"),
+    "SamplingParams": (".inference.sampling", "SamplingParams"),
     "parse_thinking_response": (".inference.thinking", "parse_thinking_response"),
     "apply_chat_template": (".training.data_formats", "apply_chat_template"),
     "fix_untrained_tokens": (".training.untrained_tokens", "fix_untrained_tokens"),

@@ -14,11 +14,16 @@ from .utils.memory import is_bf16_supported
 
 
 def _attach_methods(model) -> None:
-    """fastlm's methods on the transformers model and, when there is one, on its PEFT wrapper."""
+    """fastlm's methods (modes, save guard, exports, fast_generate) on the transformers model and, when there is
+    one, on its PEFT wrapper."""
+    from .export.methods import attach_export_methods
+    from .inference.attach import attach_inference_methods
+
     base = base_model_of(model)
-    modes.attach_methods(base)
-    if base is not model:
-        modes.attach_methods(model)
+    for target in (base, model) if base is not model else (base,):
+        modes.attach_methods(target)
+        attach_export_methods(target)
+        attach_inference_methods(target)
 
 
 def _cuda_capability():
@@ -59,7 +64,19 @@ class FastLanguageModel:
             unsloth_tiled_mlp=unsloth_tiled_mlp, extra_args=args, kwargs=kwargs, on_cuda=on_cuda,
             bf16_ok=is_bf16_supported(), cuda_capability=_cuda_capability())
         model, tokenizer = load_model_and_tokenizer(plan, auto_model=auto_model)
+        if qat_scheme is not None:
+            from .export.qat import prepare_qat
+
+            prepare_qat(model, qat_scheme)
         _attach_methods(model)
+        if fast_inference:
+            from .inference.vllm_backend import attach_fast_inference
+            from .state import get_state
+
+            attach_fast_inference(model, str(get_state(model).source.path), plan.max_seq_length,
+                                  gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=max_lora_rank,
+                                  float8_kv_cache=float8_kv_cache, disable_log_stats=disable_log_stats,
+                                  seed=random_state or 0)
         return model, tokenizer
 
     @staticmethod

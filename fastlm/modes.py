@@ -33,6 +33,9 @@ def for_training(model, use_gradient_checkpointing=None):
     elif mode not in GRADIENT_CHECKPOINTING_VALUES:
         raise ConfigError("FastLanguageModel.for_training", [Problem(
             "use_gradient_checkpointing", mode, "None, True, False or 'unsloth'", "use 'unsloth' or leave it None")])
+    from .inference.attach import disable_fast_generate
+
+    disable_fast_generate(model)
     model.train()
     trainable = any(p.requires_grad for p in model.parameters())
     if mode and trainable:
@@ -51,6 +54,9 @@ def for_inference(model):
     model.eval()
     disable_gradient_checkpointing(base_model_of(model))
     _set_cache_and_padding(model, use_cache=True, padding_side="left")
+    from .inference.attach import enable_fast_generate
+
+    enable_fast_generate(model)
     return model
 
 

@@ -58,3 +58,10 @@ def run_generate(args) -> int:
             "the generation benchmark (fastlm.bench.generate) is not part of this fastlm version yet. "
             "Fix: use 'fastlm bench train', or update fastlm.") from None
     return int(generate.main(list(args.argv)) or 0)
+
+
+def run(args) -> int:
+    """The subcommand contract's entry point: the benchmark chosen on the command line runs (its parser set it)."""
+    if args.run is run:
+        raise SystemExit("usage: fastlm bench {train,generate} ...")
+    return args.run(args)

@@ -15,7 +15,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["train", "chat", "generate", "env", "bench"]
+SUBCOMMANDS = ["train", "chat", "generate", "serve", "export", "bench", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

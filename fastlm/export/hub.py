@@ -14,10 +14,6 @@ class HubUploadError(FastLMError, OSError):
     """The upload failed; the local export is complete."""
 
 
-def _local_dir(repo_id: str, save_directory) -> Path:
-    return Path(save_directory) if save_directory is not None else Path(repo_id.rsplit("/", 1)[-1])
-
-
 def upload_folder(directory, repo_id: str, token=None, private=None, commit_message=None) -> str:
     """Create `repo_id` if needed and upload `directory`; returns the commit URL."""
     import os
@@ -27,7 +23,7 @@ def upload_folder(directory, repo_id: str, token=None, private=None, commit_mess
         raise HubUploadError(
             f"cannot push to the Hugging Face Hub repo {repo_id!r}: HF_HUB_OFFLINE is set. The export is complete "
             f"in {str(directory)!r}. Fix: unset HF_HUB_OFFLINE where the hub is reachable, then run "
-            f"`huggingface-cli upload {repo_id} {directory}`.")
+            f"`hf upload {repo_id} {directory}`.")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -43,29 +39,7 @@ def upload_folder(directory, repo_id: str, token=None, private=None, commit_mess
         raise HubUploadError(
             f"cannot push to the Hugging Face Hub repo {repo_id!r}: {what} ({reason}). The export is complete in "
             f"{str(directory)!r}. Fix: check the network and the token (write access to {repo_id!r}), then run "
-            f"`huggingface-cli upload {repo_id} {directory}`.") from exc
+            f"`hf upload {repo_id} {directory}`.") from exc
     url = str(getattr(info, "commit_url", info))
     logger.warning("fastlm: pushed %s to %s", directory, url)
     return url
-
-
-def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method="merged_16bit", token=None, private=None,
-                       save_directory=None, commit_message=None, **kwargs):
-    """Export locally (to `save_directory`, default `./<repo name>`), verify, then upload."""
-    from .merged import save_pretrained_merged
-
-    local = _local_dir(repo_id, save_directory)
-    report = save_pretrained_merged(model, local, tokenizer, save_method=save_method, **kwargs)
-    upload_folder(local, repo_id, token=token, private=private, commit_message=commit_message)
-    return report
-
-
-def push_to_hub_gguf(model, repo_id: str, tokenizer=None, quantization_method="q8_0", token=None, private=None,
-                     save_directory=None, commit_message=None, **kwargs):
-    """GGUF export locally (to `save_directory`, default `./<repo name>`), verify, then upload."""
-    from .gguf.export import save_pretrained_gguf
-
-    local = _local_dir(repo_id, save_directory)
-    report = save_pretrained_gguf(model, local, tokenizer, quantization_method=quantization_method, **kwargs)
-    upload_folder(local, repo_id, token=token, private=private, commit_message=commit_message)
-    return report

@@ -19,7 +19,7 @@ import torch
 from ..errors import ProblemList
 from ..state import get_state
 from ..utils.safe_write import atomic_directory, check_free_space, refuse_source_dir
-from .model_files import write_model_files, write_safetensors_shards
+from .model_files import device_map, write_model_files, write_safetensors_shards
 from .weights import merged_nbytes, merged_tensors, model_dtype
 
 logger = logging.getLogger(__name__)
@@ -162,10 +162,6 @@ def write_merged_4bit(model, tokenizer, directory: Path, dtype: torch.dtype, sha
     qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=compute)
     write_quantized(model, tokenizer, directory, dtype, qconfig, shard_bytes)
-
-
-def device_map():
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
 
 
 def write_quantized(model, tokenizer, directory: Path, dtype: torch.dtype, quantization_config, shard_bytes: int,

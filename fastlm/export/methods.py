@@ -12,7 +12,7 @@ def _save_pretrained_merged(self, save_directory, tokenizer=None, save_method="m
 
 def _push_to_hub_merged(self, repo_id, tokenizer=None, save_method="merged_16bit", token=None, private=None,
                         **kwargs):
-    from .hub import push_to_hub_merged
+    from .push import push_to_hub_merged
 
     return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, token=token, private=private,
                               **kwargs)
@@ -26,7 +26,7 @@ def _save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_met
 
 def _push_to_hub_gguf(self, repo_id, tokenizer=None, quantization_method="q8_0", token=None, private=None,
                       **kwargs):
-    from .hub import push_to_hub_gguf
+    from .push import push_to_hub_gguf
 
     return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method=quantization_method, token=token,
                             private=private, **kwargs)

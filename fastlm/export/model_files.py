@@ -130,3 +130,8 @@ def write_safetensors_shards(items, directory: Path, shard_bytes: int, progress=
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return total
+
+
+def device_map():
+    """Where a reloaded export goes for its check: the current GPU, or the CPU."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"

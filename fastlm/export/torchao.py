@@ -18,7 +18,8 @@ from ..errors import ProblemList
 from ..state import get_state
 from ..utils.imports import require
 from ..utils.safe_write import atomic_directory, check_free_space, refuse_source_dir
-from .merged import check_unknown_kwargs, device_map, resolve_dtype, write_quantized
+from .merged import check_unknown_kwargs, resolve_dtype, write_quantized
+from .model_files import device_map
 from .weights import merged_nbytes
 
 logger = logging.getLogger(__name__)

@@ -147,7 +147,7 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
     """Load what `save_pretrained_merged` wrote, the way a user of transformers / PEFT would."""
     from transformers import AutoModelForCausalLM
 
-    from .merged import device_map
+    from .model_files import device_map
 
     if save_method == "lora":
         from peft import PeftModel

@@ -154,14 +154,18 @@ def build_load_plan(*, model_name, max_seq_length, dtype, load_in_4bit, load_in_
     if float32_mixed_precision not in (None, True, False):
         p.add("float32_mixed_precision", float32_mixed_precision, "None, True or False", "leave it as None")
     if qat_scheme is not None:
-        p.add("qat_scheme", qat_scheme, "quantization-aware training is not yet supported by fastlm",
-              "leave qat_scheme=None (post-training export quantization comes with the export issue)")
+        from ..export.qat import QAT_SCHEMES
+
+        if qat_scheme not in QAT_SCHEMES:
+            p.add("qat_scheme", qat_scheme, f"None or one of {QAT_SCHEMES} (torchao fake quantization)",
+                  'e.g. qat_scheme="int4", then save_pretrained_torchao converts to the real quantized model')
+        elif qat_scheme.startswith("fp8") and not on_cuda:
+            p.add("qat_scheme", qat_scheme, "FP8 schemes need a CUDA GPU", 'use "int4" or "int8-int4" on CPU')
 
     # --- vLLM engine arguments
-    if fast_inference:
-        p.add("fast_inference", True, "the vLLM engine is not installed" if not _has_vllm() else
-              "fastlm's vLLM backend is not available in this version",
-              "use the built-in engine: FastLanguageModel.for_inference(model) then model.generate(...)")
+    if fast_inference not in (True, False):
+        p.add("fast_inference", fast_inference, "True or False", "use fast_inference=True for model.fast_generate "
+              "through vLLM (the built-in engine serves it without vLLM)")
     if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
         p.add("gpu_memory_utilization", gpu_memory_utilization, "a fraction in (0, 1]", "e.g. 0.5")
     elif gpu_memory_utilization != 0.5 and not fast_inference:
@@ -251,8 +255,3 @@ def check_device_map(device_map, on_cuda: bool, p: ProblemList) -> None:
                   "device(s))", 'use device_map="auto" or a valid index')
             return
 
-
-def _has_vllm() -> bool:
-    from ..utils.imports import is_available
-
-    return is_available("vllm")
