@@ -135,6 +135,9 @@ def test_cli_bench_parses_train_options_and_explains_a_missing_generate_benchmar
     assert (args.shape, args.bits, args.padding_free, args.run) == ("qwen3-0.6b", 4, True, cli_bench.run_train)
     gen = parser.parse_args(["bench", "generate", "--help", "-n", "3"])
     assert gen.argv == ["--help", "-n", "3"]
+    import fastlm.bench
+
     monkeypatch.setitem(sys.modules, "fastlm.bench.generate", None)  # as if the module were absent
+    monkeypatch.delattr(fastlm.bench, "generate", raising=False)  # an earlier import leaves the attribute
     with pytest.raises(UnsupportedFeatureError, match="fastlm bench train"):
         gen.run(gen)
