@@ -112,6 +112,8 @@ def get_peft_model(model, r=16, target_modules=DEFAULT_TARGET_MODULES, lora_alph
     if not (init_lora_weights in INIT_VALUES or (isinstance(init_lora_weights, str)
                                                  and init_lora_weights.startswith(("pissa_niter_", "corda")))):
         p.add("init_lora_weights", init_lora_weights, f"one of {INIT_VALUES} or 'pissa_niter_N'", "use True")
+    if random_state is not None and (not isinstance(random_state, int) or isinstance(random_state, bool)):
+        p.add("random_state", random_state, "an integer seed or None", "e.g. random_state=3407")
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
         p.add("max_seq_length", max_seq_length, "None or a positive integer", "e.g. 2048")
 

@@ -79,6 +79,7 @@ PEFT_ROWS = [
     ("dropout-nan", dict(lora_dropout=math.nan), ["lora_dropout=nan", "[0, 1)"]),
     ("alpha-pattern-nan", dict(alpha_pattern={"q_proj": math.nan}), ["alpha_pattern.q_proj=nan", "finite"]),
     ("rank-zero", dict(r=0), ["r=0", "positive integer"]),
+    ("seed-not-int", dict(random_state="3407"), ["random_state='3407'", "e.g. random_state=3407"]),
     ("unknown-target", dict(target_modules=["qproj"]), ["target_modules=['qproj']", "q_proj"]),
 ]
 
