@@ -14,6 +14,7 @@ _PUBLIC = {
     "FastLanguageModel": (".api", "FastLanguageModel"),
     "FastModel": (".api", "FastModel"),
     "SamplingParams": (".inference.sampling", "SamplingParams"),
+    "train_from_config": (".jobs.train", "train_from_config"),
     "parse_thinking_response": (".inference.thinking", "parse_thinking_response"),
     "apply_chat_template": (".training.data_formats", "apply_chat_template"),
     "fix_untrained_tokens": (".training.untrained_tokens", "fix_untrained_tokens"),

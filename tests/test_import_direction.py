@@ -19,11 +19,7 @@ LAYER = {
 }
 # arch is data: it imports nothing else of fastlm at all
 SELF_CONTAINED = {"arch"}
-# back-edges being removed (issue 7, part 0); this list only shrinks
-KNOWN_BACK_EDGES = {
-    ("fastlm.training.run", "fastlm.api"),
-    ("fastlm.training.config", "fastlm.training.run"),
-}
+KNOWN_BACK_EDGES: set[tuple[str, str]] = set()  # none left; keep it that way
 
 
 def _module_name(path: Path) -> str:

@@ -42,7 +42,7 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     if args.dry_run:
-        from ..training.run import check_before_loading
+        from ..jobs.train import check_before_loading
 
         _, _, data = check_before_loading(config)
         print(f"config OK: {len(data.train)} training rows ({data.format} format)"
@@ -51,7 +51,7 @@ def run(args) -> int:
               + (", full fine-tuning" if config.model.full_finetuning else f", LoRA r={config.lora.r}")
               + f") -> {config.output.dir}")
         return 0
-    from ..training.run import train_from_config
+    from ..jobs.train import train_from_config
 
     result = train_from_config(config, verbose=True)
     if args.json:

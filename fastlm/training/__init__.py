@@ -1,14 +1,12 @@
 """Fine-tuning workflow: chat data, response-only masking, untrained-token repair, callbacks, TRL glue and the
-config-driven `fastlm train` pipeline. Heavy stacks (TRL, datasets, matplotlib) load when used."""
+`fastlm train` config (the run itself is fastlm.jobs.train). Heavy stacks (TRL, datasets, matplotlib) load when used."""
 from .callbacks import LossPlotCallback, ThroughputCallback, save_loss_plot
 from .chat_templates import CHAT_TEMPLATES, get_chat_template, template_markers
 from .data_formats import apply_chat_template, standardize_data_formats, to_sharegpt
 from .config import TrainConfig, load_config
 from .response_masking import ResponseMaskingError, train_on_responses_only
-from .run import TrainResult, train_from_config
 from .untrained_tokens import fix_untrained_tokens
 
 __all__ = ["CHAT_TEMPLATES", "LossPlotCallback", "ResponseMaskingError", "ThroughputCallback", "TrainConfig",
-           "TrainResult", "apply_chat_template", "fix_untrained_tokens", "get_chat_template", "load_config",
-           "save_loss_plot", "standardize_data_formats", "template_markers", "to_sharegpt", "train_from_config",
-           "train_on_responses_only"]
+           "apply_chat_template", "fix_untrained_tokens", "get_chat_template", "load_config",
+           "save_loss_plot", "standardize_data_formats", "template_markers", "to_sharegpt", "train_on_responses_only"]

@@ -292,7 +292,7 @@ def _check_data(config: TrainConfig, p: ProblemList) -> None:
 def _trl_config_fields(trainer_type: str) -> set[str] | None:
     """Field names of the TRL config class of this trainer (None when TRL is missing)."""
     try:
-        from .run import trl_config_class
+        from .trl_args import trl_config_class
         cls = trl_config_class(trainer_type)
     except ImportError:
         return None

@@ -131,7 +131,7 @@ def _check_chat_template(config: TrainConfig, p: ProblemList) -> None:
 def _check_trainer_args(config: TrainConfig, output_dir: Path, has_eval: bool, p: ProblemList) -> None:
     """Builds the TRL config the run will use, so that its own checks (an unknown optimizer, bf16 on a machine
     without it, ...) fail here and not after the model has loaded."""
-    from .run import _trl_args
+    from .trl_args import trl_args as _trl_args
 
     try:
         _trl_args(config, output_dir, has_eval)

@@ -22,7 +22,7 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def trained_adapter(tiny_model_factory, tmp_path_factory) -> Path:
     """Output directory of a short `train_from_config` run on the tiny llama: a saved LoRA adapter + tokenizer."""
-    from fastlm.training.run import train_from_config
+    from fastlm.jobs.train import train_from_config
 
     import torch
 

@@ -118,7 +118,7 @@ def test_output_dir_is_the_base_of_an_adapter(tmp_path, tiny_llama_dir, capsys):
 
 def test_real_run_checks_the_data_before_loading(tmp_path, capsys, monkeypatch):
     """What --dry-run reports, a real run reports too, before any weight is read."""
-    import fastlm.training.run as run
+    import fastlm.jobs.train as run
 
     def refuse(config):
         raise AssertionError("the model was loaded although the data is invalid")

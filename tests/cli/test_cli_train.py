@@ -129,7 +129,7 @@ def _complete_checkpoints(out: Path) -> list[Path]:
 
 
 def test_kill9_then_resume_continues_the_loss_trajectory(tmp_path, tiny_llama_dir):
-    from fastlm.training.run import train_from_config
+    from fastlm.jobs.train import train_from_config
 
     max_steps, save_steps = 40, 4
     out = tmp_path / "out"
@@ -188,7 +188,7 @@ def test_kill9_then_resume_continues_the_loss_trajectory(tmp_path, tiny_llama_di
 
 
 def test_python_api_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_llama_dir):
-    from fastlm.training.run import train_from_config
+    from fastlm.jobs.train import train_from_config
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", tiny_llama_dir, out, training={"max_steps": 8, "save_steps": 4})
@@ -211,7 +211,7 @@ PREFERENCE_ROWS = [{"prompt": "What is the capital of France?", "chosen": "Paris
 
 @pytest.mark.parametrize("trainer", ["dpo", "orpo", "kto", "grpo"])
 def test_other_trainers_run_from_a_config(tmp_path, tiny_llama_dir, trainer):
-    from fastlm.training.run import train_from_config
+    from fastlm.jobs.train import train_from_config
 
     if trainer == "grpo":
         data = None  # the bundled chats: prompts + reference answers for the reward functions

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from fastlm.training.nonfinite import NonFiniteTrainingError, StopOnNonFiniteCallback
-from fastlm.training.run import train_from_config
+from fastlm.jobs.train import train_from_config
 
 
 def _config(tiny_llama_dir, tmp_path, **training):

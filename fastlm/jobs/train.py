@@ -11,7 +11,7 @@ Order (nothing heavy happens before every check has passed):
 5. the adapter (or full model) and tokenizer, ``trainer_state.json``, ``loss.png`` and ``summary.json`` are
    written to ``output.dir``.
 
-    from fastlm.training.run import train_from_config
+    from fastlm import train_from_config
     result = train_from_config("examples/quickstart.yaml", ["training.max_steps=5"])
 """
 from __future__ import annotations
@@ -26,38 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .checkpoints import CheckpointCompletionCallback, list_checkpoints, remove_incomplete_checkpoints
-from .config import TrainConfig, config_from_dict, load_config
-from .preflight import check_before_loading
+from ..training.checkpoints import CheckpointCompletionCallback, list_checkpoints, remove_incomplete_checkpoints
+from ..training.config import TrainConfig, config_from_dict, load_config
+from ..training.preflight import check_before_loading
+from ..training.trl_args import trl_args, trl_config_class, trl_trainer_class  # noqa: F401  (names of this module)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["train_from_config", "check_before_loading", "TrainResult", "trl_config_class", "trl_trainer_class", "build_trainer",
            "load_model_for_config"]
-
-
-def trl_config_class(trainer_type: str):
-    """TRL's config dataclass for a trainer type (ORPO lives in trl.experimental in TRL 1.x)."""
-    if trainer_type == "orpo":
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from trl.experimental.orpo import ORPOConfig
-
-        return ORPOConfig
-    import trl
-
-    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig, "grpo": trl.GRPOConfig}[trainer_type]
-
-
-def trl_trainer_class(trainer_type: str):
-    if trainer_type == "orpo":
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from trl.experimental.orpo import ORPOTrainer
-
-        return ORPOTrainer
-    import trl
-
-    return {"sft": trl.SFTTrainer, "dpo": trl.DPOTrainer, "kto": trl.KTOTrainer,
-            "grpo": trl.GRPOTrainer}[trainer_type]
 
 
 @dataclass
@@ -101,7 +78,7 @@ def load_model_for_config(config: TrainConfig):
         use_gradient_checkpointing=m.use_gradient_checkpointing, trust_remote_code=m.trust_remote_code,
         revision=m.revision, random_state=config.training.seed)
     if m.chat_template:
-        from .chat_templates import install_chat_template
+        from ..training.chat_templates import install_chat_template
 
         tokenizer = install_chat_template(model, tokenizer, m.chat_template)
     if m.full_finetuning:
@@ -118,59 +95,6 @@ def load_model_for_config(config: TrainConfig):
     return model, tokenizer
 
 
-def _mixed_precision(config: TrainConfig) -> dict:
-    """bf16/fp16 training flags that match the model's compute dtype (none on CPU)."""
-    import torch
-
-    from ..loading.plan import resolve_dtype
-    from ..utils.memory import is_bf16_supported
-
-    if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
-    dtype = resolve_dtype(None if config.model.dtype == "auto" else config.model.dtype, True, is_bf16_supported())
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
-
-
-def _trl_args(config: TrainConfig, output_dir: Path, has_eval: bool):
-    import torch
-
-    cls = trl_config_class(config.trainer.type)
-    fields = set(getattr(cls, "__dataclass_fields__", {}))
-    t, tr, m = config.training, config.trainer, config.model
-    args: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        optim=t.optim, max_grad_norm=t.max_grad_norm, logging_strategy="steps", logging_steps=t.logging_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
-        report_to="none", **_mixed_precision(config))
-    if not torch.cuda.is_available():
-        args["dataloader_pin_memory"] = False
-    # TRL's configs turn gradient checkpointing on by default; follow model.use_gradient_checkpointing instead
-    # (transformers >= 5.18 calls it activation_checkpointing and warns on the old name)
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    args[name] = bool(m.use_gradient_checkpointing)
-    if m.use_gradient_checkpointing:
-        args[name + "_kwargs"] = {"use_reentrant": False}
-    if has_eval:
-        args.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps)
-    if "max_length" in fields:
-        args["max_length"] = m.max_seq_length
-    if tr.type == "sft":
-        args.update(dataset_text_field="text", packing=tr.packing)
-    if tr.beta is not None and "beta" in fields:
-        args["beta"] = tr.beta
-    if tr.type in ("grpo", "orpo") and "max_completion_length" in fields:
-        args["max_completion_length"] = tr.max_completion_length
-    if tr.type == "grpo":
-        args["num_generations"] = tr.num_generations
-        if tr.reward_weights is not None:
-            args["reward_weights"] = tr.reward_weights
-    args.update(t.extra)
-    return cls(**args)
-
-
 def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dataset, output_dir: Path,
                   callbacks: Iterable = ()):
     """The TRL trainer of ``config.trainer.type`` with fastlm's callbacks in place of transformers' progress
@@ -178,35 +102,35 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
     LossPlotCallback, then `callbacks`."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .progress import ProgressBarCallback
+    from ..training.progress import ProgressBarCallback
 
     own: list = []
     try:
-        from .callbacks import LossPlotCallback, ThroughputCallback
+        from ..training.callbacks import LossPlotCallback, ThroughputCallback
     except ImportError:  # pragma: no cover - callbacks.py is part of fastlm; tolerate a partial checkout
         LossPlotCallback = ThroughputCallback = None
     if ThroughputCallback is not None:
         own.append(ThroughputCallback())
-    from .nonfinite import StopOnNonFiniteCallback
+    from ..training.nonfinite import StopOnNonFiniteCallback
 
     own += [ProgressBarCallback(), StopOnNonFiniteCallback(), CheckpointCompletionCallback()]
     if config.output.loss_plot and LossPlotCallback is not None:
         own.append(LossPlotCallback())
     kind = config.trainer.type
-    kwargs: dict[str, Any] = dict(model=model, args=_trl_args(config, output_dir, eval_dataset is not None),
+    kwargs: dict[str, Any] = dict(model=model, args=trl_args(config, output_dir, eval_dataset is not None),
                                   train_dataset=train_dataset, processing_class=tokenizer,
                                   callbacks=own + list(callbacks))
     if eval_dataset is not None:
         kwargs["eval_dataset"] = eval_dataset
     if kind == "grpo":
-        from .rewards import get_reward_function
+        from ..training.rewards import get_reward_function
 
         kwargs["reward_funcs"] = [get_reward_function(n) for n in config.trainer.reward_functions]
     trainer = trl_trainer_class(kind)(**kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if kind == "sft" and config.trainer.train_on_responses_only:
-        from .response_masking import train_on_responses_only
+        from ..training.response_masking import train_on_responses_only
 
         trainer = train_on_responses_only(trainer)
     return trainer
@@ -283,11 +207,11 @@ def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrid
         logger.warning("fastlm: resuming from %s", resume_from)
 
     model, tokenizer = load_model_for_config(config)
-    from .data_loading import format_for_trainer
+    from ..training.data_loading import format_for_trainer
 
     kind = config.trainer.type
     if data.format in ("messages", "sharegpt", "instruction") and not getattr(tokenizer, "chat_template", None):
-        from .chat_templates import install_chat_template
+        from ..training.chat_templates import install_chat_template
 
         logger.warning("fastlm: the tokenizer has no chat template; using chatml (set model.chat_template to "
                        "choose another)")
@@ -295,7 +219,7 @@ def train_from_config(config: TrainConfig | Mapping | str | os.PathLike, overrid
     train_dataset = format_for_trainer(data.train, data.format, kind, tokenizer)
     eval_dataset = format_for_trainer(data.eval, data.format, kind, tokenizer)
     if config.trainer.fix_untrained_tokens:
-        from .untrained_tokens import fix_untrained_tokens
+        from ..training.untrained_tokens import fix_untrained_tokens
 
         fix_untrained_tokens(model, tokenizer, train_dataset)
 

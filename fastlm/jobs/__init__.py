@@ -1,0 +1,1 @@
+"""Jobs that compose the public API: the `fastlm train` run (train.py)."""
