@@ -43,38 +43,19 @@ def _lazy_output_class():
                 object.__getattribute__(self, "_materialize")()
             return object.__getattribute__(self, name)
 
-        def __getitem__(self, k):
-            self._materialize()
-            return super().__getitem__(k)
+    def _materializing(name):
+        inner = getattr(CausalLMOutputWithPast, name)
 
-        def to_tuple(self):
+        def method(self, *args):
             self._materialize()
-            return super().to_tuple()
+            return inner(self, *args)
 
-        def keys(self):
-            self._materialize()
-            return super().keys()
+        method.__name__ = name
+        return method
 
-        def values(self):
-            self._materialize()
-            return super().values()
-
-        def items(self):
-            self._materialize()
-            return super().items()
-
-        def __iter__(self):
-            self._materialize()
-            return super().__iter__()
-
-        def __len__(self):
-            self._materialize()
-            return super().__len__()
-
-        def __contains__(self, key):
-            self._materialize()
-            return super().__contains__(key)
-
+    # every way of reading an output's fields computes the logits first
+    for name in ("__getitem__", "to_tuple", "keys", "values", "items", "__iter__", "__len__", "__contains__"):
+        setattr(LazyLogitsCausalLMOutput, name, _materializing(name))
     return LazyLogitsCausalLMOutput
 
 
