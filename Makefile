@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # the tests also need the export stacks; llama-cpp-python builds from source (about 5 min on 2 cores, once: pip
 # caches the wheel), without CPU-specific instructions so the build runs on any x86-64 machine
-$(VENV)/.installed-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q "$(TORCH_SPEC)" -e '.[test,train,embedded]'
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q "$(TORCH_SPEC)" "llama-cpp-python==0.3.36"
 	touch $@
