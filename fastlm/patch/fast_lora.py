@@ -279,7 +279,7 @@ def install_fast_lora(model, linears: bool = True):
             parts = lora_parts(module)
             if isinstance(parts, str):
                 notices.fallback(f"LoRA layers {name.rsplit('.', 1)[-1]}", parts)
-    logger.info("fastlm: fused LoRA on %d MLPs and %d other LoRA linears", mlp_count, lin_count)
+    logger.debug("fastlm: fused LoRA on %d MLPs and %d other LoRA linears", mlp_count, lin_count)
 
     def undo() -> None:
         for swap in reversed(swaps):
