@@ -12,6 +12,10 @@ Every fused call first checks that fusion reproduces PEFT's LoRA forward: one ac
 frozen base `nn.Linear` or bitsandbytes `Linear4bit` whose bias (if any) is frozen too (bias="none"). Otherwise it
 runs the module's own forward (exactly PEFT) and says why once per model. Parameters, module tree and state_dict
 are untouched, so saving and loading adapters is unchanged. `undo()` restores every swapped forward.
+
+Fusion is for training: while autograd records nothing (generation, evaluation under no_grad/inference_mode) the
+modules' own forwards run, so 4-bit models keep bitsandbytes' inference kernels, which read the packed weight
+directly instead of dequantizing it.
 """
 from __future__ import annotations
 
@@ -63,6 +67,8 @@ def _base_weight(base) -> BaseWeight | str:
     if weight.requires_grad:
         return "the base weight is trained"
     state = getattr(weight, "quant_state", None)
+    if state is None:  # bitsandbytes may keep it on the module only (it restores it there in forward)
+        state = getattr(base, "quant_state", None)
     kind = type(base).__name__
     if state is not None and "4bit" in kind:
         if getattr(state, "packing_format_for_cpu", False):
@@ -140,6 +146,8 @@ def lora_qkv(attn, hidden_states: torch.Tensor):
         kv_size = attn.config.num_key_value_heads * attn.head_dim
         return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if not torch.is_grad_enabled():
+        return tuple(m(hidden_states) for m in mods)
     parts = _parts_or_reason(mods)
     if isinstance(parts, str):
         notices.fallback("q/k/v projections", parts)
@@ -153,6 +161,9 @@ def lora_o(attn, x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear(layer, x: torch.Tensor, notices: Notices = _GLOBAL_NOTICES, where: str = "a LoRA layer"):
+    """layer(x), through LoRALinearFunction when it is a fusable LoRA layer and autograd is recording."""
+    if not torch.is_grad_enabled():
+        return layer(x)
     parts = lora_parts(layer)
     if isinstance(parts, str):
         if _is_lora_layer(layer):
@@ -192,7 +203,7 @@ class _Swap:
 def _linear_forward(layer, notices, where):
     def make(original):
         def forward(x, *args, **kwargs):
-            if args or kwargs:
+            if args or kwargs or not torch.is_grad_enabled():
                 return original(x, *args, **kwargs)
             parts = lora_parts(layer)
             if isinstance(parts, str):
@@ -208,7 +219,7 @@ def _mlp_forward(mlp, kind, notices, where):
 
     def make(original):
         def forward(x, *args, **kwargs):
-            if args or kwargs:
+            if args or kwargs or not torch.is_grad_enabled():
                 return original(x, *args, **kwargs)
             if phi3:  # fused gate_up projection: split, activate, project down
                 parts = _parts_or_reason((mlp.gate_up_proj, mlp.down_proj))

@@ -62,15 +62,17 @@ def test_undo_restores_plain_peft_bit_exactly(tiny_llama_dir):
     model.eval()
     ids = _batches(1)[0]
     keys = set(model.state_dict())
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        undo = install_fast_lora(model)
-        assert install_fast_lora(model) is undo  # a second install does not wrap the fused forwards again
-        fused = model(input_ids=ids).logits
-        assert set(model.state_dict()) == keys  # saving adapters is unchanged
-        undo()
-        after = model(input_ids=ids).logits
+    plain = model(input_ids=ids).logits.detach()
+    undo = install_fast_lora(model)
+    assert install_fast_lora(model) is undo  # a second install does not wrap the fused forwards again
+    fused = model(input_ids=ids).logits.detach()  # autograd records: the fused path runs
+    with torch.no_grad():  # nothing recorded (generation): the modules' own forwards run
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    assert set(model.state_dict()) == keys  # saving adapters is unchanged
+    undo()
+    after = model(input_ids=ids).logits.detach()
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(fused, plain)  # (the fused path did run: it sums in another order)
     assert torch.equal(after, plain)
     for module in model.modules():
         assert "forward" not in module.__dict__ and "_fastlm_lora_notices" not in module.__dict__
@@ -81,12 +83,11 @@ def test_dropout_falls_back_with_one_notice(tiny_llama_dir, caplog):
     model = _lora_model(tiny_llama_dir, dropout=0.1, checkpointing=False)
     model.eval()  # dropout off, so the outputs are comparable
     ids = _batches(1)[0]
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
-            undo = install_fast_lora(model)
-            fused = model(input_ids=ids).logits
-            model(input_ids=ids)
+    plain = model(input_ids=ids).logits
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+        undo = install_fast_lora(model)
+        fused = model(input_ids=ids).logits
+        model(input_ids=ids)
     notices = [r.getMessage() for r in caplog.records if "fused LoRA not used" in r.getMessage()]
     assert len(notices) == 1 and "lora_dropout" in notices[0], notices
     assert torch.equal(fused, plain)  # PEFT's own forward ran
@@ -99,10 +100,10 @@ def test_disabled_adapters_run_peft(tiny_llama_dir, caplog):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     ids = _batches(1)[0]
-    with torch.no_grad(), model.disable_adapter():
+    with model.disable_adapter():
         base = model(input_ids=ids).logits
     install_fast_lora(model)
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
         with model.disable_adapter():
             off = model(input_ids=ids).logits
         on = model(input_ids=ids).logits
