@@ -137,7 +137,7 @@ def _parts_or_reason(modules):
 
 def lora_qkv(attn, hidden_states: torch.Tensor):
     """(q, k, v) projections of an attention module, shaped (..., out) as q_proj(hidden_states) etc. would be:
-    one fused LoRAQKVFunction when all three are fusable LoRA layers, else each module's own forward. Phi-3's
+    one fused LoRAQKVFunction when all three are fusable LoRA layers, else `lora_linear` on each. Phi-3's
     qkv_proj is one projection split into q, k, v."""
     notices = getattr(attn, "_fastlm_lora_notices", _GLOBAL_NOTICES)
     if hasattr(attn, "qkv_proj"):
@@ -149,9 +149,8 @@ def lora_qkv(attn, hidden_states: torch.Tensor):
     if not torch.is_grad_enabled():
         return tuple(m(hidden_states) for m in mods)
     parts = _parts_or_reason(mods)
-    if isinstance(parts, str):
-        notices.fallback("q/k/v projections", parts)
-        return tuple(m(hidden_states) for m in mods)
+    if isinstance(parts, str):  # e.g. LoRA on q and v only: each one fused on its own where it can be
+        return tuple(lora_linear(m, hidden_states, notices, n) for m, n in zip(mods, ("q_proj", "k_proj", "v_proj")))
     return fused_lora_qkv(hidden_states, [p[0] for p in parts], [p[1] for p in parts])
 
 
@@ -272,8 +271,8 @@ def install_fast_lora(model, linears: bool = True):
                 notices.fallback(f"{type(module).__name__} MLPs", "their activation is not silu, gelu or gelu_tanh")
             continue
         lora_children = [getattr(module, n) for n in (_PHI3_MLP_NAMES if kind == "phi3" else _MLP_NAMES)]
-        if not any(_is_lora_layer(c) for c in lora_children):
-            continue
+        if not all(_is_lora_linear(c) for c in lora_children):
+            continue  # LoRA on some of its projections only: those are fused one by one below
         swaps.append(_Swap(module, _mlp_forward(module, kind, notices, f"{type(module).__name__} MLPs")))
         in_mlp.update(id(c) for c in lora_children)
         mlp_count += 1

@@ -42,7 +42,8 @@ class Block(nn.Module):
         self.k_proj = nn.Linear(H, KV, bias=bias)
         self.v_proj = nn.Linear(H, KV, bias=bias)
         self.o_proj = nn.Linear(H, H, bias=bias)
-        self.mlp = LlamaMLP(LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act=HF_ACT[act], num_attention_heads=4))
+        config = LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act=HF_ACT[act], num_attention_heads=4)
+        self.mlp = LlamaMLP(config)
 
 
 def _to_4bit(model, compute_dtype):

@@ -202,3 +202,33 @@ def test_4bit_model_matches_peft(tiny_llama_dir):
 def test_bad_argument():
     with pytest.raises(TypeError, match="linears=True"):
         install_fast_lora(torch.nn.Linear(2, 2), linears="yes")
+
+
+def test_partial_targets_fuse_one_by_one(tiny_llama_dir, caplog):
+    """LoRA on q_proj, v_proj and gate_proj only: the MLPs keep their forward, the three LoRA linears are fused one
+    by one (lora_qkv too), silently, with PEFT's gradients."""
+    model = _lora_model(tiny_llama_dir, checkpointing=False, target_modules=["q_proj", "v_proj", "gate_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = _batches(1)[0]
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+        undo = install_fast_lora(model)
+        got = grads()
+        attn = model.base_model.model.model.layers[0].self_attn
+        hs = _hidden(model)
+        qkv = lora_qkv(attn, hs)
+    assert (undo.mlp_count, undo.linear_count) == (0, 6)
+    assert not [r for r in caplog.records if "fused LoRA not used" in r.getMessage()]
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for a, b in zip(qkv, (attn.q_proj(hs), attn.k_proj(hs), attn.v_proj(hs))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    undo()
