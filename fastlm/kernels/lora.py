@@ -313,7 +313,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             go = _flat(grad).to(cdtype)
             gb = (go @ Bd_c).mul_(s_d)  # s·G·B_d, (N, r_d)
             dBd = (go.t() @ ha).mul_(s_d) if need[9] else None
-            h = act_mul(g, u, ctx.activation)
+            h = act_mul(g, u, ctx.activation) if need[8] else torch.empty_like(g)
             dAd = gb.t() @ h if need[8] else None
             wd = down.dense(cdtype)
             dh = torch.mm(go, wd, out=h)  # h is dead: its buffer takes dL/dh
