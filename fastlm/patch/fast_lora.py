@@ -74,6 +74,10 @@ def _base_weight(base) -> BaseWeight | str:
         if getattr(state, "packing_format_for_cpu", False):
             return "its 4-bit weight is in bitsandbytes' CPU inference layout (see fastlm.patch.bnb_cpu)"
         return BaseWeight(weight, state, bias)
+    if "forward" in base.__dict__:  # another patch (e.g. the FP8 backward) owns this layer's computation
+        return f"its base {kind} has a patched forward"
+    if type(weight) not in (nn.Parameter, torch.Tensor):
+        return f"its base weight is a {type(weight).__name__} (quantized tensor subclass)"
     if type(base) is nn.Linear and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return BaseWeight(weight, None, bias)
     return f"base layer {kind} with {weight.dtype} weights is not nn.Linear or bitsandbytes Linear4bit"

@@ -232,3 +232,19 @@ def test_partial_targets_fuse_one_by_one(tiny_llama_dir, caplog):
     for a, b in zip(qkv, (attn.q_proj(hs), attn.k_proj(hs), attn.v_proj(hs))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     undo()
+
+
+def test_patched_base_layer_is_left_alone():
+    """A base linear whose forward another patch replaced (FP8 backward, say) keeps that forward."""
+    from peft import LoraConfig, get_peft_model
+
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layer = net.base_model.model[0]
+    base = layer.get_base_layer()
+    base.forward = lambda x: torch.zeros(*x.shape[:-1], 8)  # stands in for another patch's forward
+    from fastlm.patch.fast_lora import lora_parts
+
+    assert "patched forward" in lora_parts(layer)
+    install_fast_lora(net)
+    x = torch.randn(3, 8, requires_grad=True)
+    torch.testing.assert_close(layer(x), layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"])
