@@ -5,8 +5,10 @@ LoRA on gate/up/down, q/k/v, o): random weights, LoRA r=16 on every projection (
 autocasts them; B non-zero), 8192 tokens. It compares the fused functions' output and gradients (x, every A and B)
 with PEFT's layers (max error relative to the largest magnitude), times forward+backward of both with
 triton.testing.do_bench (median, p20, p80 in ms) and measures the peak memory each adds over its inputs. It also
-checks the Triton NF4 dequantization bit-exact against bitsandbytes on CUDA and times both. Prints a table, then
-one JSON line last. Run on the GPU machine from the repository root:
+checks the Triton NF4 dequantization bit-exact against bitsandbytes on CUDA and times both. Last, whole-model
+training steps (Llama-3.2-1B shape, random weights, LoRA r=16 on all 7 linears, batch 4 x 2048, gradient
+checkpointing) through FastLanguageModel with PEFT's forwards and with install_fast_lora: tokens/s, peak memory.
+Prints a table, then one JSON line last. Run on the GPU machine from the repository root:
 
     PYTHONPATH=.gpu-site:. python scripts/gpu_lora_check.py [--tokens 8192] [--hidden 2048] [--inter 8192]
 """
@@ -152,6 +154,69 @@ def check_dequant(model):
     return {"shape": list(state.shape), "bit_exact": exact, "triton_ms": round(t_ours, 4), "bnb_ms": round(t_bnb, 4)}
 
 
+def train_steps(precision: str, shape: str, batch: int, seq: int, steps: int = 5) -> dict:
+    """Whole-model LoRA r=16 training steps (gradient checkpointing) through FastLanguageModel, plain PEFT
+    forwards vs install_fast_lora on the same instance: tokens/s and peak memory of each."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from fastlm import FastLanguageModel
+    from fastlm.bench.shapes import shape_config
+    from fastlm.patch.fast_lora import install_fast_lora
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures.tiny import build_tokenizer
+
+    result = {"precision": precision, "shape": shape, "batch": batch, "seq": seq}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            src = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
+        src.save_pretrained(tmp)
+        build_tokenizer().save_pretrained(tmp)
+        del src
+        torch.cuda.empty_cache()
+        model, _ = FastLanguageModel.from_pretrained(tmp, max_seq_length=seq, load_in_4bit=precision == "nf4",
+                                                     load_in_16bit=precision != "nf4")
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=DEVICE,
+                        generator=torch.Generator(device=DEVICE).manual_seed(0))
+
+    def run(n):
+        losses = []
+        for _ in range(n):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        torch.cuda.synchronize()
+        return [round(v.item(), 4) for v in losses]
+
+    for mode in ("peft", "fused"):
+        undo = install_fast_lora(model) if mode == "fused" else None
+        run(2)  # warm-up (kernels compile, allocator settles)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        losses = run(steps)
+        elapsed = time.perf_counter() - t
+        result[mode] = {"tokens_per_s": round(batch * seq * steps / elapsed),
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), "losses": losses}
+        if undo is not None:
+            result["fused"]["fused_mlps"], result["fused"]["fused_linears"] = undo.mlp_count, undo.linear_count
+            undo()
+    result["speedup"] = round(result["fused"]["tokens_per_s"] / result["peft"]["tokens_per_s"], 2)
+    result["memory_ratio"] = round(result["fused"]["peak_gib"] / result["peft"]["peak_gib"], 3)
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -160,6 +225,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--precisions", default="bf16,nf4")
+    ap.add_argument("--train", default="bf16,nf4",
+                    help="precisions of the whole-model training comparison ('' skips it)")
+    ap.add_argument("--train-shape", default="llama-3.2-1b")
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--train-seq", type=int, default=2048)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_lora_check needs a CUDA GPU", file=sys.stderr)
@@ -187,7 +257,14 @@ def main(argv=None) -> int:
             rows.append(row)
         del model, x
         torch.cuda.empty_cache()
-    report["rows"], report["ok"] = rows, bool(ok)
+    train = []
+    for precision in [p for p in args.train.split(",") if p]:
+        try:
+            train.append(train_steps(precision, args.train_shape, args.train_batch, args.train_seq))
+        except Exception as exc:  # noqa: BLE001 - the kernel rows above still count; report the failure
+            train.append({"precision": precision, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            ok = False
+    report["rows"], report["train"], report["ok"] = rows, train, bool(ok)
     head = f"{'prec':5} {'part':4} {'err':>8} {'peft ms':>9} {'fused ms':>9} {'speedup':>7} {'peft MiB':>9} " \
            f"{'fused MiB':>9} {'mem x':>6}"
     print(head)
@@ -199,6 +276,13 @@ def main(argv=None) -> int:
         d = report["nf4_dequant"]
         print(f"nf4 dequant {d['shape']}: bit-exact={d['bit_exact']} triton {d['triton_ms']} ms, "
               f"bitsandbytes {d['bnb_ms']} ms")
+    for t in train:
+        if "error" in t:
+            print(f"train {t['precision']}: {t['error']}")
+        else:
+            print(f"train {t['precision']} {t['shape']} {t['batch']}x{t['seq']}: "
+                  f"PEFT {t['peft']['tokens_per_s']} tok/s {t['peft']['peak_gib']} GiB | fused {t['fused']['tokens_per_s']} tok/s {t['fused']['peak_gib']} GiB"
+                  f" | x{t['speedup']} speed, x{t['memory_ratio']} memory")
     print(json.dumps(report))
     return 0 if ok else 1
 

@@ -201,7 +201,7 @@ def _shared_input_backward(x, xa, grads, bases, As, Bs, scales, need_x, need_a, 
             w = base.dense(x.dtype)
             dx = g @ w if dx is None else dx.addmm_(g, w)
             del w
-        dx.addmm_(scaled, torch.cat(As, dim=0))
+        dx.addmm_(scaled, _stack(As))
     dAs, dBs = [None] * len(As), [None] * len(As)
     if any(need_a):
         dA = scaled.t() @ x
@@ -212,6 +212,11 @@ def _shared_input_backward(x, xa, grads, bases, As, Bs, scales, need_x, need_a, 
             dBs[i] = (g.t() @ xa[:, cols:cols + r]).mul_(s)
         cols += r
     return dx, dAs, dBs
+
+
+def _stack(As) -> torch.Tensor:
+    """[A_1; …; A_k] (Σr, in); no copy for one adapter."""
+    return As[0] if len(As) == 1 else torch.cat(As, dim=0)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +235,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
             xc = _flat(x).to(cdtype)
             As = [a.to(cdtype) for a in adapters[0::2]]
             Bs = [b.to(cdtype) for b in adapters[1::2]]
-            xa = xc @ torch.cat(As, dim=0).t()
+            xa = xc @ _stack(As).t()
             outs, cols = [], 0
             for base, A, B, s in zip(bases, As, Bs, scales):
                 r = A.shape[0]
@@ -313,7 +318,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             go = _flat(grad).to(cdtype)
             gb = (go @ Bd_c).mul_(s_d)  # s·G·B_d, (N, r_d)
             dBd = (go.t() @ ha).mul_(s_d) if need[9] else None
-            h = act_mul(g, u, ctx.activation)
+            h = act_mul(g, u, ctx.activation) if need[8] else torch.empty_like(g)
             dAd = gb.t() @ h if need[8] else None
             wd = down.dense(cdtype)
             dh = torch.mm(go, wd, out=h)  # h is dead: its buffer takes dL/dh

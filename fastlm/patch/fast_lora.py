@@ -12,6 +12,10 @@ Every fused call first checks that fusion reproduces PEFT's LoRA forward: one ac
 frozen base `nn.Linear` or bitsandbytes `Linear4bit` whose bias (if any) is frozen too (bias="none"). Otherwise it
 runs the module's own forward (exactly PEFT) and says why once per model. Parameters, module tree and state_dict
 are untouched, so saving and loading adapters is unchanged. `undo()` restores every swapped forward.
+
+Fusion is for training: while autograd records nothing (generation, evaluation under no_grad/inference_mode) the
+modules' own forwards run, so 4-bit models keep bitsandbytes' inference kernels, which read the packed weight
+directly instead of dequantizing it.
 """
 from __future__ import annotations
 
@@ -63,11 +67,17 @@ def _base_weight(base) -> BaseWeight | str:
     if weight.requires_grad:
         return "the base weight is trained"
     state = getattr(weight, "quant_state", None)
+    if state is None:  # bitsandbytes may keep it on the module only (it restores it there in forward)
+        state = getattr(base, "quant_state", None)
     kind = type(base).__name__
     if state is not None and "4bit" in kind:
         if getattr(state, "packing_format_for_cpu", False):
             return "its 4-bit weight is in bitsandbytes' CPU inference layout (see fastlm.patch.bnb_cpu)"
         return BaseWeight(weight, state, bias)
+    if "forward" in base.__dict__:  # another patch (e.g. the FP8 backward) owns this layer's computation
+        return f"its base {kind} has a patched forward"
+    if type(weight) not in (nn.Parameter, torch.Tensor):
+        return f"its base weight is a {type(weight).__name__} (quantized tensor subclass)"
     if type(base) is nn.Linear and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return BaseWeight(weight, None, bias)
     return f"base layer {kind} with {weight.dtype} weights is not nn.Linear or bitsandbytes Linear4bit"
@@ -131,7 +141,7 @@ def _parts_or_reason(modules):
 
 def lora_qkv(attn, hidden_states: torch.Tensor):
     """(q, k, v) projections of an attention module, shaped (..., out) as q_proj(hidden_states) etc. would be:
-    one fused LoRAQKVFunction when all three are fusable LoRA layers, else each module's own forward. Phi-3's
+    one fused LoRAQKVFunction when all three are fusable LoRA layers, else `lora_linear` on each. Phi-3's
     qkv_proj is one projection split into q, k, v."""
     notices = getattr(attn, "_fastlm_lora_notices", _GLOBAL_NOTICES)
     if hasattr(attn, "qkv_proj"):
@@ -140,10 +150,11 @@ def lora_qkv(attn, hidden_states: torch.Tensor):
         kv_size = attn.config.num_key_value_heads * attn.head_dim
         return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
-    parts = _parts_or_reason(mods)
-    if isinstance(parts, str):
-        notices.fallback("q/k/v projections", parts)
+    if not torch.is_grad_enabled():
         return tuple(m(hidden_states) for m in mods)
+    parts = _parts_or_reason(mods)
+    if isinstance(parts, str):  # e.g. LoRA on q and v only: each one fused on its own where it can be
+        return tuple(lora_linear(m, hidden_states, notices, n) for m, n in zip(mods, ("q_proj", "k_proj", "v_proj")))
     return fused_lora_qkv(hidden_states, [p[0] for p in parts], [p[1] for p in parts])
 
 
@@ -153,6 +164,9 @@ def lora_o(attn, x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear(layer, x: torch.Tensor, notices: Notices = _GLOBAL_NOTICES, where: str = "a LoRA layer"):
+    """layer(x), through LoRALinearFunction when it is a fusable LoRA layer and autograd is recording."""
+    if not torch.is_grad_enabled():
+        return layer(x)
     parts = lora_parts(layer)
     if isinstance(parts, str):
         if _is_lora_layer(layer):
@@ -192,7 +206,7 @@ class _Swap:
 def _linear_forward(layer, notices, where):
     def make(original):
         def forward(x, *args, **kwargs):
-            if args or kwargs:
+            if args or kwargs or not torch.is_grad_enabled():
                 return original(x, *args, **kwargs)
             parts = lora_parts(layer)
             if isinstance(parts, str):
@@ -208,7 +222,7 @@ def _mlp_forward(mlp, kind, notices, where):
 
     def make(original):
         def forward(x, *args, **kwargs):
-            if args or kwargs:
+            if args or kwargs or not torch.is_grad_enabled():
                 return original(x, *args, **kwargs)
             if phi3:  # fused gate_up projection: split, activate, project down
                 parts = _parts_or_reason((mlp.gate_up_proj, mlp.down_proj))
@@ -261,8 +275,8 @@ def install_fast_lora(model, linears: bool = True):
                 notices.fallback(f"{type(module).__name__} MLPs", "their activation is not silu, gelu or gelu_tanh")
             continue
         lora_children = [getattr(module, n) for n in (_PHI3_MLP_NAMES if kind == "phi3" else _MLP_NAMES)]
-        if not any(_is_lora_layer(c) for c in lora_children):
-            continue
+        if not all(_is_lora_linear(c) for c in lora_children):
+            continue  # LoRA on some of its projections only: those are fused one by one below
         swaps.append(_Swap(module, _mlp_forward(module, kind, notices, f"{type(module).__name__} MLPs")))
         in_mlp.update(id(c) for c in lora_children)
         mlp_count += 1

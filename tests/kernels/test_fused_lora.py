@@ -46,7 +46,8 @@ class Block(nn.Module):
         self.k_proj = nn.Linear(H, KV, bias=bias)
         self.v_proj = nn.Linear(H, KV, bias=bias)
         self.o_proj = nn.Linear(H, H, bias=bias)
-        self.mlp = LlamaMLP(LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act=HF_ACT[act], num_attention_heads=4))
+        config = LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act=HF_ACT[act], num_attention_heads=4)
+        self.mlp = LlamaMLP(config)
 
 
 def _to_4bit(model, compute_dtype):
@@ -283,3 +284,29 @@ def test_autocast_matches_peft():
                    params)
     for g, w in zip(got[0] + got[1], want[0] + want[1]):
         torch.testing.assert_close(g, w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2)
+
+
+def test_frozen_inputs_get_no_gradient():
+    """x without grad (first layer, no input grads) and a frozen adapter: the others' gradients are unchanged."""
+    from fastlm.kernels.lora import Adapter, BaseWeight, fused_lora_mlp
+
+    torch.manual_seed(0)
+    ws = [torch.randn(o, i) / i ** 0.5 for i, o in ((H, I), (H, I), (I, H))]
+    x = torch.randn(5, H)
+    ad = [torch.randn(s) * 0.3 for s in ((4, H), (I, 4), (4, H), (I, 4), (4, I), (H, 4))]
+    frozen = {0, 4}  # A of gate and A of down
+
+    def run(fn):
+        leaves = [a.clone().requires_grad_(i not in frozen) for i, a in enumerate(ad)]
+        fn(x, *leaves).square().sum().backward()
+        return [t.grad for t in leaves]
+
+    got = run(lambda x, *ab: fused_lora_mlp(x, *(BaseWeight(w) for w in ws),
+                                            tuple(Adapter(ab[2 * i], ab[2 * i + 1], 2.0) for i in range(3)), "silu"))
+    want = run(lambda x, *ab: lora_mlp_reference(x, *[(w, None, ab[2 * i], ab[2 * i + 1], 2.0)
+                                                      for i, w in enumerate(ws)], "silu"))
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i in frozen:
+            assert g is None and w is None
+        else:
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -64,15 +64,17 @@ def test_undo_restores_plain_peft_bit_exactly(tiny_llama_dir):
     model.eval()
     ids = _batches(1)[0].to(model.device)
     keys = set(model.state_dict())
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        undo = install_fast_lora(model)
-        assert install_fast_lora(model) is undo  # a second install does not wrap the fused forwards again
-        fused = model(input_ids=ids).logits
-        assert set(model.state_dict()) == keys  # saving adapters is unchanged
-        undo()
-        after = model(input_ids=ids).logits
+    plain = model(input_ids=ids).logits.detach()
+    undo = install_fast_lora(model)
+    assert install_fast_lora(model) is undo  # a second install does not wrap the fused forwards again
+    fused = model(input_ids=ids).logits.detach()  # autograd records: the fused path runs
+    with torch.no_grad():  # nothing recorded (generation): the modules' own forwards run
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    assert set(model.state_dict()) == keys  # saving adapters is unchanged
+    undo()
+    after = model(input_ids=ids).logits.detach()
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(fused, plain)  # (the fused path did run: it sums in another order)
     assert torch.equal(after, plain)
     for module in model.modules():
         assert "forward" not in module.__dict__ and "_fastlm_lora_notices" not in module.__dict__
@@ -83,13 +85,12 @@ def test_dropout_falls_back_with_one_notice(tiny_llama_dir, caplog):
     model = _lora_model(tiny_llama_dir, dropout=0.1, checkpointing=False)
     model.eval()  # dropout off, so the outputs are comparable
     ids = _batches(1)[0].to(model.device)
-    with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        caplog.clear()  # get_peft_model's own install said it once already; count this install's notices
-        with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
-            undo = install_fast_lora(model)
-            fused = model(input_ids=ids).logits
-            model(input_ids=ids)
+    plain = model(input_ids=ids).logits
+    caplog.clear()  # get_peft_model's own install said it once already; count this install's notices
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+        undo = install_fast_lora(model)
+        fused = model(input_ids=ids).logits
+        model(input_ids=ids)
     notices = [r.getMessage() for r in caplog.records if "fused LoRA not used" in r.getMessage()]
     assert len(notices) == 1 and "lora_dropout" in notices[0], notices
     assert torch.equal(fused, plain)  # PEFT's own forward ran
@@ -102,10 +103,10 @@ def test_disabled_adapters_run_peft(tiny_llama_dir, caplog):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     ids = _batches(1)[0].to(model.device)
-    with torch.no_grad(), model.disable_adapter():
+    with model.disable_adapter():
         base = model(input_ids=ids).logits
     install_fast_lora(model)
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
         with model.disable_adapter():
             off = model(input_ids=ids).logits
         on = model(input_ids=ids).logits
@@ -204,3 +205,49 @@ def test_4bit_model_matches_peft(tiny_llama_dir):
 def test_bad_argument():
     with pytest.raises(TypeError, match="linears=True"):
         install_fast_lora(torch.nn.Linear(2, 2), linears="yes")
+
+
+def test_partial_targets_fuse_one_by_one(tiny_llama_dir, caplog):
+    """LoRA on q_proj, v_proj and gate_proj only: the MLPs keep their forward, the three LoRA linears are fused one
+    by one (lora_qkv too), silently, with PEFT's gradients."""
+    model = _lora_model(tiny_llama_dir, checkpointing=False, target_modules=["q_proj", "v_proj", "gate_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = _batches(1)[0].to(model.device)
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.fast_lora"):
+        undo = install_fast_lora(model)
+        got = grads()
+        attn = model.base_model.model.model.layers[0].self_attn
+        hs = _hidden(model)
+        qkv = lora_qkv(attn, hs)
+    assert (undo.mlp_count, undo.linear_count) == (0, 6)
+    assert not [r for r in caplog.records if "fused LoRA not used" in r.getMessage()]
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for a, b in zip(qkv, (attn.q_proj(hs), attn.k_proj(hs), attn.v_proj(hs))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    undo()
+
+
+def test_patched_base_layer_is_left_alone():
+    """A base linear whose forward another patch replaced (FP8 backward, say) keeps that forward."""
+    from peft import LoraConfig, get_peft_model
+
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layer = net.base_model.model[0]
+    base = layer.get_base_layer()
+    base.forward = lambda x: torch.zeros(*x.shape[:-1], 8)  # stands in for another patch's forward
+    from fastlm.patch.fast_lora import lora_parts
+
+    assert "patched forward" in lora_parts(layer)
+    install_fast_lora(net)
+    x = torch.randn(3, 8, requires_grad=True)
+    torch.testing.assert_close(layer(x), layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"])
