@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.reference import rotate_half
+
 
 NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
 
@@ -197,18 +199,13 @@ def _rope_tables(model, max_len: int, device, dtype, layer_types: set[str]) -> d
     return tables
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, 1, T, R] with R <= D (partial rotary leaves the rest unchanged)."""
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 class DecoderView:
