@@ -114,18 +114,34 @@ class Projection:
                 self.absmax = torch.cat([b[2] for b in bases])
                 self.code = bases[0][3]
                 self.blocksize, self.k, self.n = blocksize, k, sum(outs)
+                from ..kernels.decode_nf4 import nf4_gemv_config, nf4_pair_table
+
+                self.lut = nf4_pair_table(self.code)
+                self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device)
         self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
         for (_, out, terms) in read:
             for a, b, s in terms:
                 self.lora.append((a, b, s, start, start + out))
             start += out
+        self.n_out = start
+        self.a_rows = False
         if self.lora:
-            # all adapters of the group in two matmuls: A stacked [R, K] and B block-diagonal [N, R] with the
-            # scale folded in; `refresh_adapters` copies the live A/B in (after training steps, before decoding)
+            # all adapters of the group in two products: A stacked [R, K] and B block-diagonal [N, R] with the
+            # scale folded in; `refresh_adapters` copies the live A/B in (after training steps, before decoding).
+            # Dense groups append A's rows to the base weight, so x @ [W; A]^T gives the base output and x A^T
+            # in one GEMV (A is then held in the base dtype; the B product stays in the adapter's dtype).
             a0 = self.lora[0][0]
             rank = sum(a.shape[0] for a, *_ in self.lora)
-            self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
+            if kind == "dense":
+                w = self.weight
+                self.weight = torch.cat([w, torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device)], 0)
+                if self.bias is not None:
+                    self.bias = torch.cat([self.bias, self.bias.new_zeros(rank)])
+                self.lora_a = self.weight[start:]
+                self.a_rows = True
+            else:
+                self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
             self.lora_b = torch.zeros(start, rank, dtype=a0.dtype, device=a0.device)
             self.refresh_adapters()
         self.kind = kind
@@ -156,14 +172,26 @@ class Projection:
             from ..kernels.decode_nf4 import nf4_gemv
 
             y = nf4_gemv(x.reshape(rows, self.k), self.packed, self.absmax, self.code, self.n, self.k,
-                         self.blocksize).reshape(*x.shape[:-1], self.n)
+                         self.blocksize, lut=self.lut, config=self.nf4_config).reshape(*x.shape[:-1], self.n)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
+        elif self.a_rows:
+            y = F.linear(x, self.weight, self.bias)
+            y, xa = y[..., :self.n_out], y[..., self.n_out:]
+            y = y + _lora_up(xa.to(self.lora_b.dtype), self.lora_b).to(y.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
-        if self.lora:
-            y = y + F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(y.dtype)
+        if self.lora and not self.a_rows:
+            y = y + _lora_up(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(y.dtype)
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+
+def _lora_up(xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """xa [..., R] @ b[N, R]^T. Compiled decode steps (a row or two) write it as a product-and-sum, which inductor
+    fuses with the addition that follows, instead of a separate small matmul launch or three."""
+    if torch.compiler.is_compiling() and xa.numel() // xa.shape[-1] <= 8:
+        return (xa.unsqueeze(-2) * b).sum(-1)
+    return F.linear(xa, b)
 
 
 @dataclass
@@ -278,7 +306,12 @@ class DecoderView:
         b, h, t, d = q.shape
         g = h // self.n_kv
         qg = q.reshape(b, self.n_kv, g * t, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * lv.scaling  # [B, kv, g*T, L]
+        if t == 1 and torch.compiler.is_compiling():
+            # compiled decode step: products and sums, which inductor turns into two small reduction kernels,
+            # instead of two batched matmul launches for a single query row
+            scores = (qg.unsqueeze(-2).float() * k.unsqueeze(2).float()).sum(-1) * lv.scaling
+        else:
+            scores = torch.matmul(qg, k.transpose(-1, -2)) * lv.scaling  # [B, kv, g*T, L]
         if lv.softcap is not None:
             scores = torch.tanh(scores / lv.softcap) * lv.softcap
         key_pos = torch.arange(k.shape[2], device=q.device)
@@ -288,54 +321,70 @@ class DecoderView:
             allowed = allowed & (key_pos[None, None, :] > qp - lv.window)
         allowed = allowed[:, None, None, :, :].expand(b, 1, g, t, k.shape[2]).reshape(b, 1, g * t, k.shape[2])
         scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)  # [B, kv, g*T, D]
+        if t == 1 and torch.compiler.is_compiling():
+            probs = torch.softmax(scores.float(), dim=-1)
+            out = (probs.unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2).to(v.dtype)  # [B, kv, g, D]
+        else:
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = torch.matmul(probs, v)  # [B, kv, g*T, D]
         return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
-    def forward(self, tokens, positions, slots, k_cache, v_cache, last=None, kv_len: int | None = None):
+    def forward(self, tokens, positions, slots, k_cache, v_cache, last=None, kv_len: int | None = None,
+                layer=None, head=None):
         """tokens/positions [B, T] (long), slots [B] or None for slots 0..B-1 (decode: cache views, no gather);
         k_cache / v_cache: per layer [slots, kv, L, D], written in place at `positions`.
         `last` [B]: index in T whose logits are returned (None: T-1). `kv_len`: attend only to the first kv_len
-        cache positions (prefill; decode uses the whole static cache)."""
-        b, t = tokens.shape
+        cache positions (prefill; decode uses the whole static cache). `layer` / `head`: compiled versions of
+        `self.layer` / `self.head` (the engine compiles one layer's code once and runs it for every layer)."""
+        layer, head = layer or self.layer, head or self.head
         x = self.embed(tokens)
-        hd = self.head_dim
+        if x.requires_grad:  # a training hook (enable_input_require_grads) marks it even under no_grad
+            x = x.detach()
         pos_c = positions.clamp(max=k_cache[0].shape[2] - 1)
         for i, lv in enumerate(self.layers):
-            cos_t, sin_t = self.rope[lv.rope_key]
-            cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]
-            hidden = lv.input_norm(x)
-            q, k, v = lv.qkv.outputs(hidden)
-            q = q.view(b, t, -1, hd).transpose(1, 2)
-            k = k.view(b, t, -1, hd).transpose(1, 2)
-            v = v.view(b, t, -1, hd).transpose(1, 2)
-            if lv.q_norm is not None:
-                q, k = lv.q_norm(q), lv.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc, vc = k_cache[i], v_cache[i]
-            idx_s = (torch.arange(b, device=x.device) if slots is None else slots)[:, None].expand(b, t)
-            kc[idx_s, :, pos_c] = k.transpose(1, 2).to(kc.dtype)
-            vc[idx_s, :, pos_c] = v.transpose(1, 2).to(vc.dtype)
-            if kv_len is not None:
-                kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-            kc, vc = (kc[:b], vc[:b]) if slots is None else (kc[slots], vc[slots])
-            a = self.attention(lv, q, kc, vc, positions)
-            a = lv.o.outputs(a)[0]
-            if lv.pre_ff_norm is not None:
-                x = x + lv.post_attn_norm(a)
-                m = lv.pre_ff_norm(x)
-            else:
-                x = x + a
-                m = lv.post_attn_norm(x)
-            gate, up = lv.gate_up.outputs(m)
-            m = lv.down.outputs(lv.act(gate) * up)[0]
-            if lv.post_ff_norm is not None:
-                m = lv.post_ff_norm(m)
-            x = x + m
+            x = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len)
+        return head(x, last)
+
+    def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None):
+        """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c."""
+        b, t = x.shape[:2]
+        hd = self.head_dim
+        cos_t, sin_t = self.rope[lv.rope_key]
+        cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]
+        hidden = lv.input_norm(x)
+        q, k, v = lv.qkv.outputs(hidden)
+        q = q.view(b, t, -1, hd).transpose(1, 2)
+        k = k.view(b, t, -1, hd).transpose(1, 2)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
+        if lv.q_norm is not None:
+            q, k = lv.q_norm(q), lv.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        idx_s = (torch.arange(b, device=x.device) if slots is None else slots)[:, None].expand(b, t)
+        kc[idx_s, :, pos_c] = k.transpose(1, 2).to(kc.dtype)
+        vc[idx_s, :, pos_c] = v.transpose(1, 2).to(vc.dtype)
+        if kv_len is not None:
+            kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        kc, vc = (kc[:b], vc[:b]) if slots is None else (kc[slots], vc[slots])
+        a = self.attention(lv, q, kc, vc, positions)
+        a = lv.o.outputs(a)[0]
+        if lv.pre_ff_norm is not None:
+            x = x + lv.post_attn_norm(a)
+            m = lv.pre_ff_norm(x)
+        else:
+            x = x + a
+            m = lv.post_attn_norm(x)
+        gate, up = lv.gate_up.outputs(m)
+        m = lv.down.outputs(lv.act(gate) * up)[0]
+        if lv.post_ff_norm is not None:
+            m = lv.post_ff_norm(m)
+        return x + m
+
+    def head(self, x, last=None):
+        """Final norm, lm_head and soft-cap of the row `last` (None: the last position) -> float32 logits."""
         if last is None:
             x = x[:, -1]
         else:
-            x = x[torch.arange(b, device=x.device), last]
+            x = x[torch.arange(x.shape[0], device=x.device), last]
         x = self.final_norm(x)
         logits = self.lm_head(x)
         if self.final_softcap is not None:

@@ -114,6 +114,11 @@ class Engine:
     def _decode_eager(self, tokens, positions):
         return self.view.forward(tokens[:, None], positions[:, None], None, self.cache.k, self.cache.v)
 
+    def _decode_compiled(self, tokens, positions):
+        layer, head = self._compiled
+        return self.view.forward(tokens[:, None], positions[:, None], None, self.cache.k, self.cache.v,
+                                 layer=layer, head=head)
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for slots 0..B-1: tokens/positions [B] long on the engine's device -> logits [B, V] float32.
@@ -132,6 +137,30 @@ class Engine:
         g.replay()
         return static_out
 
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode step itself (compiled where the engine compiles), without a graph replay: for callers
+        that capture it together with their own device work (`capture_with`)."""
+        return self._step_fn()(tokens, positions)
+
+    def capture_with(self, b: int, body):
+        """Capture `body()` in a CUDA graph: a decode step through `step` on persistent input tensors plus the
+        caller's device-only bookkeeping (sampling, stop checks), so a whole token costs one replay. The step is
+        compiled and warmed by the bucket's own capture first. Returns the graph, or None (no graphs here, or the
+        capture failed: the caller keeps decoding uncaptured; reported once)."""
+        if not self.use_graphs or (b not in self._graphs and self._capture(b) is None):
+            return None
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                body()
+            return graph
+        except Exception as exc:  # noqa: BLE001 - the caller falls back to uncaptured steps
+            if not getattr(self, "_capture_with_failed", False):
+                logger.warning("fastlm engine: sampling could not be captured with the decode step (%s); "
+                               "sampling runs outside the graph", _first_line(exc))
+                self._capture_with_failed = True
+            return None
+
     def _step_fn(self):
         if not self.use_compile:
             return self._decode_eager
@@ -143,9 +172,12 @@ class Engine:
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             if hasattr(dynamo.config, "accumulated_cache_size_limit"):
                 dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
-            # batch buckets differ only in the batch size: automatic dynamic shapes compile it once more at most
-            self._compiled = torch.compile(self._decode_eager, fullgraph=False)
-        return self._compiled
+            # regional compilation: one layer's code is compiled once and serves every layer (the layers differ
+            # only in their tensors, and sliding/global attention at most), which keeps the warm-up short; the
+            # batch buckets differ only in the batch size (automatic dynamic shapes: one more compile at most)
+            self._compiled = (torch.compile(self.view.layer, fullgraph=False),
+                              torch.compile(self.view.head, fullgraph=False))
+        return self._decode_compiled
 
     def _capture(self, b: int):
         """Compile (first use) and capture the decode step of bucket b in a CUDA graph. Falls back to eager

@@ -116,6 +116,7 @@ class Sampler:
         self.counts = None  # [slots, V] float: output token counts (presence / frequency)
         self.generators: dict[int, torch.Generator] = {}
         self.params: dict[int, SamplingParams] = {}
+        self.layout = 0  # bumped whenever a buffer is (re)allocated: captured graphs hold the old addresses
 
     # ---------------------------------------------------------------- slot setup
     def set_slot(self, slot: int, params: SamplingParams, eos_ids: list[int], prompt: list[int]) -> None:
@@ -133,6 +134,7 @@ class Sampler:
             grown = torch.full((self.slots, len(ids)), -1, dtype=torch.long, device=self.device)
             grown[:, :self.eos.shape[1]] = self.eos
             self.eos = grown
+            self.layout += 1
         self.eos[slot] = -1
         if ids:
             self.eos[slot, :len(ids)] = torch.as_tensor(ids, device=self.device)
@@ -145,12 +147,14 @@ class Sampler:
         if params.repetition_penalty != 1.0 or self.seen is not None:
             if self.seen is None:
                 self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
+                self.layout += 1
             self.seen[slot] = False
             if prompt:
                 self.seen[slot, torch.as_tensor(prompt, device=self.device)] = True
         if params.presence_penalty or params.frequency_penalty or self.counts is not None:
             if self.counts is None:
                 self.counts = torch.zeros(self.slots, self.vocab, device=self.device)
+                self.layout += 1
             self.counts[slot] = 0
 
     def clear_slot(self, slot: int) -> None:
@@ -166,6 +170,9 @@ class Sampler:
                     rep=any(p.repetition_penalty != 1.0 for p in ps),
                     pf=any(p.presence_penalty or p.frequency_penalty for p in ps),
                     min_new=any(p.min_tokens > 0 for p in ps))
+
+    def top_k_bound(self, rows: list[int]) -> int:
+        return max([self.params[r].top_k for r in rows if r in self.params] or [0])
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_ids: list[int], n_gen: torch.Tensor):
         """logits [B, V] float32 for slot indices `rows` (device) / `row_ids` (host); n_gen [B] tokens generated
@@ -193,7 +200,7 @@ class Sampler:
         scores = logits / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
         if flags["top_k"]:
             k = self.top_k[rows]
-            kmax = int(min(max(self.params[r].top_k for r in row_ids if r in self.params), scores.shape[1]))
+            kmax = int(min(self.top_k_bound(row_ids), scores.shape[1]))
             top = torch.topk(scores, kmax, dim=-1).values
             kth = top.gather(1, (k.clamp(min=1, max=kmax) - 1)[:, None])
             scores = torch.where((k[:, None] > 0) & (scores < kth), float("-inf"), scores)

@@ -12,6 +12,7 @@ Token bookkeeping (output buffer, lengths, EOS and length checks) lives on the d
 from __future__ import annotations
 
 import collections
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,12 +41,11 @@ class Result:
     logprobs: list[dict[int, float]] | None = None
 
 
-class Scheduler:
-    def __init__(self, engine: Engine, tokenizer=None, sync_every: int = 8):
-        self.engine = engine
-        engine.view.refresh_adapters()  # adapters may have been trained since the engine was built
-        self.tokenizer = tokenizer
-        self.sync_every = max(1, int(sync_every))
+class _DeviceState:
+    """The scheduler's device tensors, kept on the engine between schedulers so that the CUDA graphs of whole
+    decode steps (model + sampling + bookkeeping, which read and write these tensors) are captured once."""
+
+    def __init__(self, engine: Engine):
         s, cap, dev = engine.max_slots, engine.max_len, engine.device
         self.cur = torch.zeros(s, dtype=torch.long, device=dev)
         self.pos = torch.zeros(s, dtype=torch.long, device=dev)
@@ -56,12 +56,59 @@ class Scheduler:
         self.logp = None  # [s, cap, 1 + k] and ids [s, cap, 1 + k], when some request asks for logprobs
         self.logp_ids = None
         self.sampler = Sampler(s, engine.vocab_size, dev)
+        self.rows = {}  # bucket -> arange(bucket), persistent for the graphs
+        self.graphs = {}  # step key -> captured graph (None: capture failed, decode uncaptured)
+        self.owner = None  # weakref to the scheduler using it
+
+    def take(self, scheduler) -> bool:
+        if self.owner is not None and self.owner() is not None:
+            return False
+        self.owner = weakref.ref(scheduler)
+        self.done.fill_(True)
+        self.n_gen.zero_()
+        self.sampler.params.clear()
+        self.sampler.generators.clear()
+        return True
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer=None, sync_every: int = 8):
+        self.engine = engine
+        engine.view.refresh_adapters()  # adapters may have been trained since the engine was built
+        self.tokenizer = tokenizer
+        self.sync_every = max(1, int(sync_every))
+        s = engine.max_slots
+        state = getattr(engine, "_scheduler_state", None)
+        if state is None or not state.take(self):  # none yet, or another live scheduler uses it: a private one
+            state = _DeviceState(engine)
+            state.take(self)
+            if getattr(engine, "_scheduler_state", None) is None:
+                engine._scheduler_state = state
+        self.state = state
+        self.cur, self.pos, self.n_gen, self.max_new = state.cur, state.pos, state.n_gen, state.max_new
+        self.done, self.gen, self.sampler = state.done, state.gen, state.sampler
         self.slot_req: list[Request | None] = [None] * s
         self.delivered = [0] * s
         self.host_max_new = [1] * s
         self.left = [0] * s  # host bound on the tokens a slot may still produce (as of the last sync)
         self.pending: collections.deque[Request] = collections.deque()
         self.finished: list[Result] = []
+
+    @property
+    def logp(self):
+        return self.state.logp
+
+    @logp.setter
+    def logp(self, value):
+        self.state.logp = value
+
+    @property
+    def logp_ids(self):
+        return self.state.logp_ids
+
+    @logp_ids.setter
+    def logp_ids(self, value):
+        self.state.logp_ids = value
 
     # ---------------------------------------------------------------- public
     def add(self, request: Request) -> None:
@@ -92,11 +139,31 @@ class Scheduler:
         b = self.engine.bucket(max(occupied) + 1)
         streaming = any(self.slot_req[i].on_tokens is not None for i in occupied)
         n = 1 if streaming else min(self.sync_every, max(self.left[i] for i in occupied))
-        rows = torch.arange(b, device=self.engine.device)
+        rows = self.state.rows.get(b)
+        if rows is None:
+            rows = self.state.rows[b] = torch.arange(b, device=self.engine.device)
         row_ids = list(range(b))
+        key = self._graph_key(b, row_ids)
         for _ in range(n):
+            graph = self.state.graphs.get(key) if key is not None else None
+            if graph is not None:
+                graph.replay()
+                continue
             self._decode_once(b, rows, row_ids)
+            if key is not None and key not in self.state.graphs:
+                self.state.graphs[key] = self.engine.capture_with(
+                    b, lambda: self._decode_once(b, rows, row_ids, captured=True))
         return self._sync()
+
+    def _graph_key(self, b: int, row_ids: list[int]):
+        """What a captured whole step depends on besides tensor contents, or None when it must run uncaptured
+        (no CUDA graphs, or a seeded request: its generator draws outside the graph's RNG)."""
+        if not self.engine.use_graphs or any(r in self.sampler.generators for r in row_ids):
+            return None
+        flags = self.sampler._flags(row_ids)
+        kmax = self.sampler.top_k_bound(row_ids) if flags["top_k"] else 0
+        sampler = self.sampler
+        return (b, tuple(sorted(flags.items())), kmax, sampler.layout, self.state.logp is None)
 
     # ---------------------------------------------------------------- internals
     def _admit(self) -> None:
@@ -151,8 +218,11 @@ class Scheduler:
         hit = ((tok[:, None] == eos) & (eos >= 0)).any(-1)
         self.done[rows] |= active & (hit | (self.n_gen[rows] >= self.max_new[rows]))
 
-    def _decode_once(self, b, rows, row_ids):
-        logits = self.engine.decode(self.cur[:b], self.pos[:b])
+    def _decode_once(self, b, rows, row_ids, captured: bool = False):
+        if captured:  # inside a capture: the raw step on the persistent inputs, no graph replay of its own
+            logits = self.engine.step(self.cur[:b], self.pos[:b])
+        else:
+            logits = self.engine.decode(self.cur[:b], self.pos[:b])
         active = ~self.done[:b]
         self._take_tokens(logits, rows, row_ids, active)
         self.pos[:b] += active.long()

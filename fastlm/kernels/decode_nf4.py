@@ -68,10 +68,107 @@ if triton is not None:
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, block_n: int = 16,
-             block_k: int = 256) -> torch.Tensor:
+
+
+def nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """[256] int64: for each packed byte, the float32 bits of its high-nibble value in the low word and of its
+    low-nibble value in the high word, so the v2 kernel decodes two weights with one table load."""
+    c = code.float().cpu()
+    bits = c.view(torch.int32).long() & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 15] << 32)).to(code.device)
+
+
+if triton is not None:
+    @triton.jit
+    def _nf4_gemv_v2_kernel(x_ptr, q_ptr, absmax_ptr, lut_ptr, y_ptr, N, K, BLOCKSIZE: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # BLOCK_K elements per step (a multiple of BLOCKSIZE; K a multiple of BLOCK_K): one table load per byte,
+        # one scale per BLOCKSIZE elements applied after the partial sums
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        half_k = K // 2
+        HB: tl.constexpr = BLOCK_K // 2
+        NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+        blocks_per_row = K // BLOCKSIZE
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // 2 + tl.arange(0, HB)
+            byte = tl.load(q_ptr + rows[:, None].to(tl.int64) * half_k + kb[None, :], mask=row_ok[:, None],
+                           other=0)
+            pair = tl.load(lut_ptr + byte.to(tl.int32))
+            w_hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            w_lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            x_even = tl.load(x_ptr + m * K + 2 * kb).to(tl.float32)
+            x_odd = tl.load(x_ptr + m * K + 2 * kb + 1).to(tl.float32)
+            part = w_hi * x_even[None, :] + w_lo * x_odd[None, :]
+            part = tl.sum(tl.reshape(part, [BLOCK_N, NB, BLOCKSIZE // 2]), axis=2)
+            blk = rows[:, None].to(tl.int64) * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, NB)[None, :]
+            scale = tl.load(absmax_ptr + blk, mask=row_ok[:, None], other=0.0)
+            acc += tl.sum(part * scale, axis=1)
+        tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+
+
+# (BLOCK_N, BLOCK_K, num_warps) tried per (N, K) on first use; measured at the decode shapes of Llama-3.2-1B and
+# Llama-3.1-8B on an H100 (scripts/gpu_engine_profile.py), each of these won at least one shape
+_V2_CONFIGS = [(1, 1024, 1), (1, 1024, 2), (4, 512, 2), (4, 1024, 1), (8, 256, 1), (8, 512, 2), (16, 256, 1)]
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg):
+    bn, bk, warps = cfg
+    _nf4_gemv_v2_kernel[(triton.cdiv(n, bn), x.shape[0])](x, packed.reshape(-1), absmax, lut, y, n, k,
+                                                          BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_K=bk,
+                                                          num_warps=warps)
+
+
+def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1) -> tuple[int, int, int]:
+    """The fastest (BLOCK_N, BLOCK_K, num_warps) of the pair-table kernel for this shape, timed once on the device
+    (a few ms) and remembered; a fixed config under the interpreter. Call it outside torch.compile."""
+    if _interpreting() or torch.device(device).type != "cuda":
+        return (4, 256, 1)
+    key = (n, k, blocksize, rows, str(device))
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = [c for c in _V2_CONFIGS if k % c[1] == 0 and c[1] % blocksize == 0] or [(4, 256, 1)]
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=device)
+    absmax = torch.rand(n * k // blocksize, device=device)
+    lut = nf4_pair_table(torch.linspace(-1, 1, 16, device=device))
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    y = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
+    best = None
+    for cfg in cands:
+        for _ in range(3):
+            _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(30):
+            _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    _TUNED[key] = best[1]
+    return best[1]
+
+
+def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, lut: torch.Tensor | None = None,
+             config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] (x.dtype), reading the weight as 4-bit. Needs triton (CUDA, or CPU under
-    TRITON_INTERPRET=1); see nf4_gemv_reference for the math."""
+    TRITON_INTERPRET=1); see nf4_gemv_reference for the math. K a multiple of 256 (every real model) runs the
+    pair-table kernel with `lut` = `nf4_pair_table(code)` and `config` = `nf4_gemv_config(...)` (both made once
+    by callers that decode many tokens; made here otherwise); other K the simple kernel."""
     if triton is None:
         return nf4_gemv_reference(x, packed, absmax, code, n, k, blocksize)
     if k % 2 or blocksize % 2:
@@ -79,7 +176,11 @@ def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, block_n: i
     x = x.contiguous()
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), m)
-    _nf4_gemv_kernel[grid](x, packed.reshape(-1), absmax, code, y, n, k, BLOCKSIZE=blocksize,
-                           BLOCK_N=block_n, BLOCK_K=block_k)
+    if k % 256 == 0 and 256 % blocksize == 0:
+        lut = nf4_pair_table(code) if lut is None else lut
+        config = config or nf4_gemv_config(n, k, blocksize, x.device, m)
+        _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, config)
+        return y
+    _nf4_gemv_kernel[(triton.cdiv(n, 16), m)](x, packed.reshape(-1), absmax, code, y, n, k, BLOCKSIZE=blocksize,
+                                              BLOCK_N=16, BLOCK_K=256)
     return y

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The engine's GPU round through the device tool: parity checks, the generation bench, the profile.
+# usage (on the GPU machine, repo root): bash scripts/gpu_engine_round.sh [steps...]  steps: check bench1b profile bench8b4 bench4
+set -u
+export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+steps=${*:-check bench1b}
+for s in $steps; do
+  echo "=== $s $(date +%T)" | tee -a "$OUT/summary.txt"
+  case $s in
+    check) timeout 300 python3 scripts/gpu_engine_check.py > "$OUT/check.txt" 2>&1; grep -v "^{" "$OUT/check.txt" | tail -12 | tee -a "$OUT/summary.txt" ;;
+    bench1b) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.2-1b --lora-rank 16 --hf-new-tokens 32 > "$OUT/bench1b.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench1b.txt" | tee -a "$OUT/summary.txt" ;;
+    bench4) timeout 240 python3 -m fastlm.bench.generate --shape llama-3.2-1b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 32 > "$OUT/bench1b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench1b4.txt" | tee -a "$OUT/summary.txt" ;;
+    bench8b4) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.1-8b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 16 > "$OUT/bench8b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench8b4.txt" | tee -a "$OUT/summary.txt" ;;
+    bench8b) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.1-8b --lora-rank 0 --batches 1 --hf-new-tokens 16 > "$OUT/bench8b.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench8b.txt" | tee -a "$OUT/summary.txt" ;;
+    profile) timeout 300 python3 scripts/gpu_engine_profile.py --cases lora16,nf4 --no-nf4-sweep > "$OUT/profile.txt" 2>&1; tail -4 "$OUT/profile.txt" | head -3 | tee -a "$OUT/summary.txt" ;;
+  esac
+done
