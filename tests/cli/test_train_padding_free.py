@@ -79,10 +79,13 @@ def _segments(batch):
     return out
 
 
-def test_padding_free_by_default_same_losses_as_padded_and_off_switch(tmp_path, tiny_llama_dir, varied_text, caplog):
-    packed, packed_losses, on_notices = _run(tmp_path, tiny_llama_dir, varied_text, "default", caplog)
-    padded, padded_losses, off_notices = _run(tmp_path, tiny_llama_dir, varied_text, "off", caplog,
-                                              padding_free=False)
+# gemma2: sliding-window and soft-capped attention, which fastlm's packed path leaves to transformers' masks
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_padding_free_by_default_same_losses_as_padded_and_off_switch(tmp_path, tiny_model_factory, model_type,
+                                                                      varied_text, caplog):
+    model_dir = tiny_model_factory(model_type)
+    packed, packed_losses, on_notices = _run(tmp_path, model_dir, varied_text, "default", caplog)
+    padded, padded_losses, off_notices = _run(tmp_path, model_dir, varied_text, "off", caplog, padding_free=False)
     assert len(on_notices) == 1 and "padding-free batches on" in on_notices[0], on_notices
     assert off_notices == []
     assert len(packed) == len(padded) == STEPS
