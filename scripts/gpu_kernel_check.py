@@ -1,8 +1,9 @@
 """GPU check of fastlm's core Triton kernels: bf16 correctness at real sizes and speed/memory vs PyTorch.
 
-For every op (RMSNorm Llama/Gemma/q-k-norm, RoPE, SwiGLU, GeGLU, cross-entropy, fused linear cross-entropy) at the
-sizes of Llama-3.2-1B (hidden 2048, 32q/8kv heads of 64, vocab 128256, 8192 tokens) and Gemma-2-2B (softcap 30,
-vocab 256000), it runs forward + backward of
+For every op (RMSNorm Llama/Gemma/q-k-norm, RoPE, SwiGLU, GeGLU, the full fine-tuning MLP of fastlm.patch.fast_mlp
+with trainable gate/up/down weights, cross-entropy, fused linear cross-entropy) at the sizes of Llama-3.2-1B
+(hidden 2048, 32q/8kv heads of 64, vocab 128256, 8192 tokens) and Gemma-2-2B (softcap 30, vocab 256000), it runs
+forward + backward of
   * the Triton op on bf16 inputs,
   * the pure-torch reference on the same bf16 inputs (what transformers computes),
   * the reference on fp32 copies of those inputs (the "truth"),
@@ -112,6 +113,17 @@ def build_cases(device: str, small: bool) -> list[Case]:
                           (_rand(tokens, n, device=d, scale=2.0), _rand(tokens, n, device=d)),
                           (_rand(tokens, n, device=d, grad=False),)))
 
+    # the full fine-tuning MLP (fastlm.patch.fast_mlp): down(act(gate(x)) * up(x)) with trainable weights, against
+    # transformers' eager MLP
+    for name, n_hidden, n_inter, act in (("mlp_full_ft_llama", hidden, inter, "silu"),
+                                         ("mlp_full_ft_gemma2", g_hidden, g_inter, "gelu_tanh")):
+        cases.append(Case(name, f"x({tokens},{n_hidden}) gate/up({n_inter},{n_hidden}) down({n_hidden},{n_inter})",
+                          _mlp_fast(act), _mlp_eager(act),
+                          (_rand(tokens, n_hidden, device=d), _rand(n_inter, n_hidden, device=d, scale=0.02),
+                           _rand(n_inter, n_hidden, device=d, scale=0.02),
+                           _rand(n_hidden, n_inter, device=d, scale=0.02)),
+                          (_rand(tokens, n_hidden, device=d, grad=False),)))
+
     targets = _labels((tokens,), vocab, d)
     cases.append(Case("ce_llama", f"logits({tokens},{vocab})", lambda z: cross_entropy(z, targets),
                       lambda z: cross_entropy_reference(z, targets), (_rand(tokens, vocab, device=d, scale=2.0),)))
@@ -137,6 +149,23 @@ def build_cases(device: str, small: bool) -> list[Case]:
                       (_rand(g_batch, g_seq, g_hidden, device=d),
                        _rand(g_vocab, g_hidden, device=d, scale=0.05, grad=False))))
     return cases
+
+
+def _mlp_fast(act):
+    """The MLP as fastlm.patch.fast_mlp runs it on plain nn.Linear projections (kernel backward in place)."""
+    from torch.nn.functional import linear
+
+    from fastlm.patch.fast_mlp import gated
+
+    return lambda x, wg, wu, wd: linear(gated(linear(x, wg), linear(x, wu), act, True), wd)
+
+
+def _mlp_eager(act):
+    """transformers' gated MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+    import torch.nn.functional as F
+
+    fn = F.silu if act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+    return lambda x, wg, wu, wd: F.linear(fn(F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
 def _llama_cos_sin(batch, seq, head_dim, device, small):

@@ -7,7 +7,8 @@ Order (nothing heavy happens before every check has passed):
 3. the model is loaded with `FastLanguageModel.from_pretrained`, LoRA added with `get_peft_model`;
 4. the data is rendered for the trainer (chat template), the TRL trainer is built with fastlm's callbacks
    (throughput, progress bar, checkpoint completion marker, loss plot) and trained, resuming from the newest
-   complete checkpoint when ``resume`` is set;
+   complete checkpoint when ``resume`` is set; SFT batches are padding-free where the loaded model keeps packed
+   sequences apart (`training.trl_args.resolve_padding_free`; ``training.extra.padding_free: false`` turns it off);
 5. the adapter (or full model) and tokenizer, ``trainer_state.json``, ``loss.png`` and ``summary.json`` are
    written to ``output.dir``.
 
@@ -29,7 +30,8 @@ from typing import Any, Iterable, Mapping
 from ..training.checkpoints import CheckpointCompletionCallback, list_checkpoints, remove_incomplete_checkpoints
 from ..training.config import TrainConfig, config_from_dict, load_config
 from ..training.preflight import check_before_loading
-from ..training.trl_args import trl_args, trl_config_class, trl_trainer_class  # noqa: F401  (names of this module)
+from ..training.trl_args import trl_config_class, trl_trainer_class  # noqa: F401  (names of this module)
+from ..training.trl_args import resolve_padding_free, trl_args, truncate_prepared_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +119,10 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
     if config.output.loss_plot and LossPlotCallback is not None:
         own.append(LossPlotCallback())
     kind = config.trainer.type
-    kwargs: dict[str, Any] = dict(model=model, args=trl_args(config, output_dir, eval_dataset is not None),
+    # padding-free SFT batches where the model keeps packed sequences apart (trl_args.py says when)
+    padding_free = resolve_padding_free(config, model)
+    args = trl_args(config, output_dir, eval_dataset is not None, padding_free)
+    kwargs: dict[str, Any] = dict(model=model, args=args,
                                   train_dataset=train_dataset, processing_class=tokenizer,
                                   callbacks=own + list(callbacks))
     if eval_dataset is not None:
@@ -127,6 +132,8 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_dataset, eval_dat
 
         kwargs["reward_funcs"] = [get_reward_function(n) for n in config.trainer.reward_functions]
     trainer = trl_trainer_class(kind)(**kwargs)
+    if padding_free and not config.trainer.packing:
+        truncate_prepared_datasets(trainer, config.model.max_seq_length)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if kind == "sft" and config.trainer.train_on_responses_only:

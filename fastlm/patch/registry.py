@@ -1,5 +1,6 @@
 """The ordered list of patches `fastlm.patch.apply` installs. Order matters: a later patch wraps what an earlier
-one installed (tiled MLP wraps whichever MLP forward is in place), and `remove` undoes in reverse."""
+one installed (tiled MLP wraps whichever MLP forward is in place), fast_mlp takes only the MLPs fused LoRA left,
+and `remove` undoes in reverse."""
 from __future__ import annotations
 
 from ..state import base_model_of
@@ -48,6 +49,14 @@ def _fast_lora(model, arch, options: PatchOptions):
     return install_fast_lora(base_model_of(model))
 
 
+def _fast_mlp(model, arch, options: PatchOptions):
+    if not options.fast_kernels:
+        return None
+    from .fast_mlp import install_fast_mlp
+
+    return install_fast_mlp(base_model_of(model), arch)
+
+
 def _fast_attention(model, arch, options: PatchOptions):
     if not options.fast_kernels:
         return None
@@ -85,6 +94,7 @@ PATCHES: list[Patch] = [
     Patch("offload_embedding", _offload_embedding),
     Patch("fast_norms", _fast_norms),
     Patch("fast_lora", _fast_lora, follows_lora=True),
+    Patch("fast_mlp", _fast_mlp, follows_lora=True),  # after fast_lora: the MLPs it fused are not taken again
     Patch("fast_attention", _fast_attention, follows_lora=True),
     Patch("fused_loss", _fused_loss),
     Patch("tiled_mlp", _tiled_mlp, follows_lora=True),
