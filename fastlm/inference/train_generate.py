@@ -12,8 +12,9 @@ PEFT wrapper) that serves such calls with the fastlm engine (`engine_generate`: 
 it loads (`attach_inference_methods`); nothing in TRL or transformers is patched.
 
 - When: only while the model is in train mode (a trainer's generation step). In eval mode, and for anything the
-  engine does not serve (beam search, logits processors, multimodal inputs, a family without an ArchSpec, ...),
-  the call goes to the generate that was there before, with a one-line notice naming the reason.
+  engine does not serve (beam search, logits processors, multimodal inputs, a family without an ArchSpec,
+  weights sharded by DeepSpeed ZeRO-3 or FSDP, ...), the call goes to the generate that was there before, with a
+  one-line notice naming the reason.
 - Weights: one engine per model, kept between steps. LoRA adapters are copied into the engine's fused buffers
   before every call (`refresh_adapters`). When base weights train (full fine-tuning) the engine reads them from the
   live modules (no fused copies; CUDA graphs replay on the parameters' own storage, which optimizers update in
@@ -74,6 +75,9 @@ class TrainingEngine:
 
     def __call__(self, model, slots: int, max_len: int) -> Engine:
         base = base_model_of(model)
+        sharded = _sharded_weights(base)
+        if sharded:
+            raise UnsupportedModelError(f"the weights are sharded by {sharded}; the engine reads whole weights")
         full = trains_base_weights(model)
         fuse = (False if full else None) if self.fuse is None else self.fuse
         key = (adapter_state_key(model), fuse, tuple(p.data_ptr() for p in base.parameters()))
@@ -104,6 +108,17 @@ class TrainingEngine:
             logger.warning("fastlm: generation during training runs on the fastlm engine (%s); "
                            "fastlm.inference.train_generate.remove_training_generate(model) turns it off", how)
         return self.engine
+
+
+def _sharded_weights(model) -> str | None:
+    """Who shards the parameters (DeepSpeed ZeRO-3, FSDP's DTensors), or None: the engine keeps references to
+    whole weights between calls, which sharded ones are not outside their gather."""
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            return "DeepSpeed ZeRO-3"
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            return "FSDP (DTensor parameters)"
+    return None
 
 
 @contextmanager

@@ -155,3 +155,17 @@ def test_for_inference_and_for_training_keep_the_hook_working(tiny_model_factory
     assert model.generate(**batch, **kw).tolist() == served.tolist()  # train mode: the training-time hook
     assert engine_calls["prefill"] > prefills
     assert training_generate_installed(model)
+
+
+def test_sharded_weights_go_to_transformers(tiny_model_factory, engine_calls, caplog, monkeypatch):
+    """DeepSpeed ZeRO-3 marks its partitioned parameters with ds_id; the engine cannot keep references to them."""
+    from fastlm.inference import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "_noticed", set())
+    model, tok = load(tiny_model_factory("llama"))
+    next(model.parameters()).ds_id = 0
+    batch = tok(PROMPTS[:1], return_tensors="pt")
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert engine_calls["init"] == 0 and "sharded by DeepSpeed ZeRO-3" in caplog.text
+    assert out.tolist() == hf_generate(model, batch, max_new_tokens=4, do_sample=False).tolist()
