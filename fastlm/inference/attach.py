@@ -12,8 +12,8 @@ from __future__ import annotations
 import types
 
 from .engine import drop_engine
-from .train_generate import (generate_targets, install_training_generate, positional_to_kwargs,
-                             put_back_generate, release_training_engine)
+from .train_generate import (generate_targets, install_training_generate, is_training_generate,
+                             positional_to_kwargs, put_back_generate, release_training_engine)
 
 _ORIGINAL = "_fastlm_original_generate"
 
@@ -39,6 +39,8 @@ def enable_fast_generate(model):
         original = target.generate
 
         def generate(self, inputs=None, *args, _original=original, **kwargs):
+            if self.training and is_training_generate(_original):  # a trainer's step: weights change between calls
+                return _original(inputs, *args, **kwargs)
             return engine_generate(self, _original, inputs, **positional_to_kwargs(args, kwargs))
 
         generate.__doc__ = engine_generate.__doc__

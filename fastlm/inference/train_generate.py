@@ -187,7 +187,13 @@ def _make_generate(original):
 
     generate.__doc__ = (original.__doc__ or "") + "\n\n(fastlm: calls in train mode run on the fastlm engine; " \
         "see fastlm.inference.train_generate)"
+    generate._fastlm_training_generate = True
     return generate
+
+
+def is_training_generate(method) -> bool:
+    """Whether a (bound) generate is the training-time one."""
+    return bool(getattr(getattr(method, "__func__", method), "_fastlm_training_generate", False))
 
 
 def remove_training_generate(model):

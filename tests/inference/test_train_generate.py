@@ -169,3 +169,27 @@ def test_sharded_weights_go_to_transformers(tiny_model_factory, engine_calls, ca
         out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert engine_calls["init"] == 0 and "sharded by DeepSpeed ZeRO-3" in caplog.text
     assert out.tolist() == hf_generate(model, batch, max_new_tokens=4, do_sample=False).tolist()
+
+
+def test_train_mode_after_for_inference_uses_the_training_engine(tiny_model_factory, engine_calls, monkeypatch):
+    """for_inference's engine is cached across calls; once a trainer puts the model back in train mode its calls
+    must go to the training-time engine, which follows the weight updates."""
+    from fastlm.inference.train_generate import TrainingEngine
+
+    served = []
+    call = TrainingEngine.__call__
+    monkeypatch.setattr(TrainingEngine, "__call__", lambda self, *a, **k: served.append(1) or call(self, *a, **k))
+    model, tok = load(tiny_model_factory("llama"), full=True)
+    FastLanguageModel.for_inference(model)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    model.generate(**batch, **kw)
+    assert served == []  # eval mode: the inference engine
+    model.train()  # what a trainer does
+    sgd_step(model, tok, lr=3.0)
+    ours = model.generate(**batch, **kw)
+    assert served == [1]
+    from fastlm.inference.attach import disable_fast_generate
+
+    disable_fast_generate(model)  # the reference is transformers' own generate
+    assert ours.tolist() == hf_generate(model, batch, **kw).tolist()
