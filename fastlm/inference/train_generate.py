@@ -73,6 +73,12 @@ class TrainingEngine:
         self.announced = False
         self.busy = False  # inside a call: a nested generate (a PEFT wrapper calling its model) passes through
 
+    def __deepcopy__(self, memo):  # a copied model builds its own engine (CUDA graphs cannot be copied)
+        return TrainingEngine(self.fuse)
+
+    def __getstate__(self):
+        return {**self.__dict__, "engine": None, "key": None, "busy": False}
+
     def __call__(self, model, slots: int, max_len: int) -> Engine:
         base = base_model_of(model)
         sharded = _sharded_weights(base)
@@ -158,37 +164,42 @@ def install_training_generate(model, fuse: bool | None = None):
             continue  # ours is in place
         had = "generate" in target.__dict__
         own = target.__dict__.get("generate")
-        original = target.generate
-        wrapper = types.MethodType(_make_generate(original), target)
+        wrapper = types.MethodType(training_generate, target)
         target.__dict__[_SAVED] = (had, own, wrapper)
         object.__setattr__(target, "generate", wrapper)
     return model
 
 
-def _make_generate(original):
-    def generate(self, inputs=None, *args, **kwargs):
-        state = base_model_of(self).__dict__.get(_STATE)
-        if state is None or state.busy or not self.training:
-            return original(inputs, *args, **kwargs)
-        kwargs = positional_to_kwargs(args, kwargs)
-        state.busy = True
-        try:
-            with _eval_mode(self) as (restore, evaluate):
-                def fallback(*a, **k):
-                    restore()
-                    try:
-                        return original(*a, **k)
-                    finally:
-                        evaluate()
+def _previous_generate(target):
+    """The generate `target` had before the hook, bound to `target` (looked up at call time, so that a deep copy of
+    the model calls its own, not the original's)."""
+    had, own, _ = target.__dict__[_SAVED]
+    return own if had else types.MethodType(type(target).generate, target)
 
-                return engine_generate(self, fallback, inputs, engine_for=state, **kwargs)
-        finally:
-            state.busy = False
 
-    generate.__doc__ = (original.__doc__ or "") + "\n\n(fastlm: calls in train mode run on the fastlm engine; " \
-        "see fastlm.inference.train_generate)"
-    generate._fastlm_training_generate = True
-    return generate
+def training_generate(self, inputs=None, *args, **kwargs):
+    """transformers' generate; in train mode served by the fastlm engine (fastlm.inference.train_generate)."""
+    original = _previous_generate(self)
+    state = base_model_of(self).__dict__.get(_STATE)
+    if state is None or state.busy or not self.training:
+        return original(inputs, *args, **kwargs)
+    kwargs = positional_to_kwargs(args, kwargs)
+    state.busy = True
+    try:
+        with _eval_mode(self) as (restore, evaluate):
+            def fallback(*a, **k):
+                restore()
+                try:
+                    return original(*a, **k)
+                finally:
+                    evaluate()
+
+            return engine_generate(self, fallback, inputs, engine_for=state, **kwargs)
+    finally:
+        state.busy = False
+
+
+training_generate._fastlm_training_generate = True
 
 
 def is_training_generate(method) -> bool:

@@ -193,3 +193,4 @@ def test_train_mode_after_for_inference_uses_the_training_engine(tiny_model_fact
 
     disable_fast_generate(model)  # the reference is transformers' own generate
     assert ours.tolist() == hf_generate(model, batch, **kw).tolist()
+
