@@ -69,7 +69,6 @@ class TrainingEngine:
         self.fuse = fuse
         self.engine: Engine | None = None
         self.key = None
-        self.builds = 0
         self.announced = False
         self.busy = False  # inside a call: a nested generate (a PEFT wrapper calling its model) passes through
 
@@ -104,7 +103,6 @@ class TrainingEngine:
                 raise UnsupportedModelError(f"the engine could not be built for this model "
                                             f"({type(exc).__name__}: {str(exc)[:200]})") from exc
             self.key = key
-            self.builds += 1
         else:
             self.engine.view.refresh_adapters()
         if not self.announced:
@@ -241,5 +239,5 @@ def training_generate_installed(model) -> bool:
 
 
 def training_engine(model) -> TrainingEngine | None:
-    """The model's TrainingEngine (its `engine`, `builds`), or None when the hook is not installed."""
+    """The model's TrainingEngine (its current `engine`), or None when the hook is not installed."""
     return base_model_of(model).__dict__.get(_STATE)

@@ -43,9 +43,9 @@ def prefills(monkeypatch):
     return calls
 
 
-def load(path, full: bool):
-    model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=64, load_in_16bit=True,
-                                                   full_finetuning=full)
+def load(path, full: bool, load_in_4bit: bool = False):
+    bits = {"load_in_4bit": True} if load_in_4bit else {"load_in_16bit": True}
+    model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=64, full_finetuning=full, **bits)
     if not full:
         torch.manual_seed(0)
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
@@ -96,14 +96,14 @@ def assert_masks_follow_first_eos(batch, eos_ids, pad_id):
     return ended
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_engine_batch_equals_trl_own_generation(tiny_model_factory, tmp_path, prefills, full):
+@pytest.mark.parametrize("full,nf4", [(False, False), (True, False), (False, True)], ids=["lora", "full", "qlora4"])
+def test_engine_batch_equals_trl_own_generation(tiny_model_factory, tmp_path, prefills, full, nf4):
     """Greedy (top_k=1) GRPO step: TRL's prompt/completion ids and masks are the same tensors with the engine as
     with transformers' generate (TRL's own path), including rows cut at an EOS and right padding."""
     path = tiny_model_factory("llama")
     results = []
     for use_engine in (True, False):
-        model, tok = load(path, full)
+        model, tok = load(path, full, load_in_4bit=nf4)
         eos = frequent_token(model, tok)
         model.generation_config.eos_token_id = [tok.eos_token_id, eos]
         if not use_engine:
