@@ -1,6 +1,7 @@
 """Install the engine on a model instance (never on a class).
 
-`attach_inference_methods(model)`: binds `model.fast_generate` (call it for the base model and the PEFT wrapper).
+`attach_inference_methods(model)`: binds `model.fast_generate` (call it for the base model and the PEFT wrapper)
+and the training-time generate (train_generate.py: a trainer's generation step, e.g. TRL's GRPO, on the engine).
 `enable_fast_generate(model)`: `model.generate` becomes the engine-backed generate (transformers' contract);
 `disable_fast_generate(model)` gives back exactly what was there before and drops the engine (its fused weight
 copies and cache), so training sees the plain model. For a PEFT wrapper both the wrapper and the inner
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import types
 
-from ..state import base_model_of
 from .engine import drop_engine
+from .train_generate import (generate_targets, install_training_generate, is_training_generate,
+                             positional_to_kwargs, put_back_generate, release_training_engine)
 
 _ORIGINAL = "_fastlm_original_generate"
 
@@ -20,18 +22,16 @@ def attach_inference_methods(model) -> None:
     from .fast_generate import fast_generate
 
     object.__setattr__(model, "fast_generate", types.MethodType(fast_generate, model))
-
-
-def _targets(model):
-    base = base_model_of(model)
-    return [model] if base is model else [model, base]
+    if not fast_generate_enabled(model):  # else it is under the engine's generate already, or comes back with
+        install_training_generate(model)  # disable_fast_generate
 
 
 def enable_fast_generate(model):
     from .generate import engine_generate
 
     drop_engine(model)  # weights may have changed since the last engine was built
-    for target in _targets(model):
+    release_training_engine(model)  # training is over: its engine's cache is not needed
+    for target in generate_targets(model):
         if _ORIGINAL in target.__dict__:
             continue
         had = "generate" in target.__dict__
@@ -39,11 +39,9 @@ def enable_fast_generate(model):
         original = target.generate
 
         def generate(self, inputs=None, *args, _original=original, **kwargs):
-            if args:
-                kwargs = dict(zip(("generation_config", "logits_processor", "stopping_criteria",
-                                   "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer"),
-                                  args), **kwargs)
-            return engine_generate(self, _original, inputs, **kwargs)
+            if self.training and is_training_generate(_original):  # a trainer's step: weights change between calls
+                return _original(inputs, *args, **kwargs)
+            return engine_generate(self, _original, inputs, **positional_to_kwargs(args, kwargs))
 
         generate.__doc__ = engine_generate.__doc__
         object.__setattr__(target, "generate", types.MethodType(generate, target))
@@ -51,16 +49,13 @@ def enable_fast_generate(model):
 
 
 def disable_fast_generate(model):
-    for target in _targets(model):
+    for target in generate_targets(model):
         saved = target.__dict__.pop(_ORIGINAL, None)
         if saved is None:
             continue
-        had, value = saved
-        if had:
-            object.__setattr__(target, "generate", value)
-        else:
-            target.__dict__.pop("generate", None)
+        put_back_generate(target, *saved)
     drop_engine(model)
+    release_training_engine(model)
     return model
 
 

@@ -98,8 +98,11 @@ def _plan(model, inputs, generation_config, kwargs, extra):
 
 def engine_generate(model, original, inputs=None, generation_config=None, logits_processor=None,
                     stopping_criteria=None, prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None,
-                    streamer=None, negative_prompt_ids=None, negative_prompt_attention_mask=None, **kwargs):
-    """transformers' `generate` contract, served by the engine where it can be (see the module docstring)."""
+                    streamer=None, negative_prompt_ids=None, negative_prompt_attention_mask=None, *,
+                    engine_for=get_engine, **kwargs):
+    """transformers' `generate` contract, served by the engine where it can be (see the module docstring).
+    `engine_for(model, slots=, max_len=)` gives the engine to use (default: the one cached on the model; the
+    training-time hook passes its own, kept current with the weights being trained)."""
     extra = dict(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                  prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, synced_gpus=synced_gpus,
                  assistant_model=assistant_model, negative_prompt_ids=negative_prompt_ids,
@@ -135,7 +138,7 @@ def engine_generate(model, original, inputs=None, generation_config=None, logits
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
     rows = [input_ids[i][mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
     try:
-        engine = get_engine(model, slots=len(rows), max_len=max(len(r) for r in rows) + max_new)
+        engine = engine_for(model, slots=len(rows), max_len=max(len(r) for r in rows) + max_new)
     except UnsupportedModelError as exc:
         _notice(str(exc))
         return original(inputs, generation_config=generation_config, streamer=streamer, **kwargs)

@@ -20,6 +20,14 @@ when the trainer finishes initialising (before the optimizer exists), through th
 
     trainer = SFTTrainer(model=model, args=args, ..., callbacks=[KeepAdapterDtypeCallback()])
 
+Generation on the engine. fastlm models serve a trainer's generation step (TRL's GRPO without vLLM calls
+`model.generate` on the model it trains) with the fastlm engine, using the weights being trained
+(`fastlm.inference.train_generate`). `EngineGenerationCallback` scopes that to one training run: it installs the
+hook on any model TRL trains (also one not loaded by fastlm) at the start and removes it, freeing the engine, at the
+end; with `use_vllm` or `use_transformers_continuous_batching` it says that TRL's generation is used instead.
+
+    trainer = GRPOTrainer(model=model, args=args, ..., callbacks=[EngineGenerationCallback()])
+
 Gradient accumulation needs no glue: with transformers >= 5.17 and TRL 1.x, `SFTTrainer` divides each micro-batch's
 summed token loss by the number of label tokens in the whole accumulation window (`num_items_in_batch`), so
 batch 1 x 4 steps and batch 4 x 1 step give the same loss and gradients (tests/training/test_grad_accumulation.py).
@@ -39,7 +47,7 @@ from ..state import get_state
 from ..utils.imports import require
 
 __all__ = ["TrainerClasses", "get_trainer_classes", "TRAINER_LOCATIONS", "KeepAdapterDtypeCallback",
-           "restore_adapter_dtype"]
+           "restore_adapter_dtype", "EngineGenerationCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +137,43 @@ class KeepAdapterDtypeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         restore_adapter_dtype(model, self.dtype)
+
+
+class EngineGenerationCallback(TrainerCallback):
+    """The trainer's generation step on the fastlm engine for one training run (see the module docstring).
+
+    fuse: passed to `install_training_generate` (None: fused weight copies where they stay exact)."""
+
+    # TrainingArguments fields with which TRL generates without calling model.generate
+    OTHER_GENERATORS = ("use_vllm", "use_transformers_continuous_batching")
+
+    def __init__(self, fuse: bool | None = None):
+        if fuse not in (None, True, False):
+            raise ValueError(f"fuse={fuse!r}: use None (automatic), True or False")
+        self.fuse = fuse
+        self.installed_on = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from ..inference.train_generate import install_training_generate, training_generate_installed
+
+        other = [name for name in self.OTHER_GENERATORS if getattr(args, name, False)]
+        if other:
+            logger.warning("fastlm: %s=True: TRL generates with its own backend, not the fastlm engine", other[0])
+            return
+        if model is None:
+            return
+        was_installed = training_generate_installed(model)
+        install_training_generate(model, fuse=self.fuse)
+        self.installed_on = None if was_installed else model
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from ..inference.train_generate import release_training_engine, remove_training_generate
+
+        if self.installed_on is not None:
+            remove_training_generate(self.installed_on)
+            self.installed_on = None
+        elif model is not None:
+            release_training_engine(model)
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ import torch
 from fixtures.tiny import FAMILY_MODEL_TYPES
 
 from fastlm.inference.attach import disable_fast_generate, enable_fast_generate
+from fastlm.inference.train_generate import remove_training_generate, training_generate_installed
 
 PROMPTS = ["the cat is", "what is the capital of france? the capital", "red"]
 
@@ -124,5 +125,8 @@ def test_disable_gives_back_the_plain_method(tiny_model_factory, loaded):
     base = model.get_base_model()
     assert "generate" in model.__dict__ and "generate" in base.__dict__
     disable_fast_generate(model)
+    # what was there before: the training-time generate fastlm models carry (train_generate.py), then the plain one
+    assert training_generate_installed(model) and training_generate_installed(base)
+    remove_training_generate(model)
     assert "generate" not in model.__dict__ and "generate" not in base.__dict__
     assert model.generate.__func__ is type(model).generate
