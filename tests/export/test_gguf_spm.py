@@ -19,7 +19,8 @@ TEXTS = ["The capital of France is Paris.", "Café déjà vu, naïve façade: ü
 def test_spm_tokenizer_in_llama_cpp(style, model_type, tmp_path, lora_model_factory):
     import gguf
 
-    from fastlm.export.gguf.verify import _cpp_greedy, _hf_greedy, load_llama
+    from fastlm.export.gguf.verify import _cpp_greedy, load_llama
+    from fastlm.export.verify import greedy_tokens
 
     tok = build_spm_tokenizer(tmp_path / "tok", style)
     extra = {"tie_word_embeddings": True} if model_type == "gemma" else {}
@@ -50,7 +51,7 @@ def test_spm_tokenizer_in_llama_cpp(style, model_type, tmp_path, lora_model_fact
         byte_ids = [i for i in tok(TEXTS[2])["input_ids"] if tok.convert_ids_to_tokens(i).startswith("<0x")]
         assert byte_ids  # the emoji really went through byte fallback
         prompt = tok(TEXTS[0])["input_ids"]
-        hf_cont, cpp_cont = _hf_greedy(model, prompt, 16), _cpp_greedy(llm, prompt, 16)
+        hf_cont, cpp_cont = greedy_tokens(model, prompt, 16), _cpp_greedy(llm, prompt, 16)
     finally:
         llm.close()
     assert cpp_cont == hf_cont
