@@ -10,9 +10,9 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 pytest.importorskip("sentencepiece")
 
-TEXTS = ["The capital of France is Paris.", "Café déjà vu, naïve façade: über straße", "emoji 🙂🚀 and 漢字",
-         "digits 2024 and 31415926", " one leading space", "   three leading spaces", "two  inner   spaces\nnew line",
-         "Hello World", "a", "!?"]
+TEXTS = ["The capital of France is Paris.", "Café déjà vu, naïve façade: über straße",
+         "emoji 🙂🚀 and 漢字", "digits 2024 and 31415926", " one leading space", "   three leading spaces",
+         "two  inner   spaces\nnew line", "Hello World", "a", "!?"]
 
 
 @pytest.mark.parametrize("style,model_type", [("llama", "llama"), ("gemma", "gemma")])
