@@ -60,7 +60,7 @@ def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, ove
     size = merged_nbytes(model, torch.float32)
     check_free_space(target, (3 if kv_cache else 2) * size + (64 << 20), "save_pretrained_onnx")
     with atomic_directory(target, overwrite=overwrite, what="save_pretrained_onnx") as tmp:
-        scratch = Path(tempfile.mkdtemp(prefix=".onnx-merged-", dir=tmp.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=".onnx-merged-", dir=tmp))  # inside: a kill leaves one temp dir
         try:
             write_merged(model, tokenizer, scratch, torch.float32, 5 << 30)
             merged = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32, device_map="cpu").eval()
