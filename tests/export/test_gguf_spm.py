@@ -3,8 +3,8 @@ ASCII, accents, emoji (byte fallback), digits and leading / repeated spaces to t
 tiny gemma continue greedily as the HF model does; Unigram tokenizers are refused."""
 import pytest
 
-from fixtures.spm import build_spm_tokenizer
-from fixtures.tiny import save_tiny_model
+from fixtures.spm import build_bytefallback_bpe, build_spm_tokenizer
+from fixtures.tiny import _corpus, save_tiny_model
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
@@ -55,6 +55,22 @@ def test_spm_tokenizer_in_llama_cpp(style, model_type, tmp_path, lora_model_fact
     finally:
         llm.close()
     assert cpp_cont == hf_cont
+
+
+def test_tokenizers_trained_byte_fallback_bpe(tmp_path, lora_model_factory):
+    """Not converted from SentencePiece: merge-order scores make llama.cpp's score-first merging give the HF ids on
+    200 generated sentences and the texts above."""
+    from fastlm.export.gguf.verify import load_llama
+
+    model, tok = lora_model_factory(save_tiny_model("llama", tmp_path / "src", tokenizer=build_bytefallback_bpe()))
+    model.save_pretrained_gguf(tmp_path / "g", tok, quantization_method="f32", verify=False)
+    llm = load_llama(tmp_path / "g" / "model.F32.gguf")
+    try:
+        texts = _corpus(200, seed=5) + [t for t in TEXTS if not t.startswith(" ")]
+        differ = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) != tok(t)["input_ids"]]
+    finally:
+        llm.close()
+    assert differ == []
 
 
 def test_leading_space_with_prepended_space(tmp_path, lora_model_factory):
