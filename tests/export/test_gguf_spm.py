@@ -67,7 +67,8 @@ def test_tokenizers_trained_byte_fallback_bpe(tmp_path, lora_model_factory):
     llm = load_llama(tmp_path / "g" / "model.F32.gguf")
     try:
         texts = _corpus(200, seed=5) + [t for t in TEXTS if not t.startswith(" ")]
-        differ = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) != tok(t)["input_ids"]]
+        differ = [t for t in texts
+                  if llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) != tok(t)["input_ids"]]
     finally:
         llm.close()
     assert differ == []
