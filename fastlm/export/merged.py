@@ -166,12 +166,12 @@ def write_merged_4bit(model, tokenizer, directory: Path, dtype: torch.dtype, sha
 
 def write_quantized(model, tokenizer, directory: Path, dtype: torch.dtype, quantization_config, shard_bytes: int,
                     save=None):
-    """Merge into a scratch 16-bit checkpoint beside `directory`, reload it through transformers with
-    `quantization_config`, and save the quantized model (by `save(model, dir)` when given) with the generation
-    config and tokenizer. Returns the quantized model."""
+    """Merge into a scratch 16-bit checkpoint inside `directory` (a fresh temporary directory), reload it through
+    transformers with `quantization_config`, and save the quantized model (by `save(model, dir)` when given) with
+    the generation config and tokenizer. Returns the quantized model."""
     from transformers import AutoModelForCausalLM
 
-    scratch = Path(tempfile.mkdtemp(prefix=".merged16-", dir=directory.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".merged16-", dir=directory))  # removed below; a kill: inside the temp dir
     try:
         write_merged(model, tokenizer, scratch, dtype, shard_bytes)
         quant = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=quantization_config, dtype=dtype,

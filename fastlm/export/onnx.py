@@ -2,7 +2,9 @@
 logits [batch, seq, vocab]` (torch.onnx.export with the dynamo exporter and dynamic batch/sequence), beside the
 config and tokenizer files; checked in onnxruntime against the model in memory.
 
-No KV-cache graph yet: each call recomputes the whole sequence (fine for scoring and short prompts).
+With `kv_cache=True` (the default) a second graph, `model_with_past.onnx`, takes the past keys/values and returns
+the present ones (see onnx_kv.py; `OnnxDecoder` runs it), checked on prefill + decode steps and a cached greedy
+continuation. Each graph holds its own copy of the weights.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..state import get_state
 from ..utils.imports import require
 from ..utils.safe_write import atomic_directory, check_free_space, refuse_source_dir
 from .merged import check_unknown_kwargs, write_merged
+from .onnx_kv import WITH_PAST_NAME, export_with_past
 from .model_files import write_model_files
 from .weights import merged_nbytes
 
@@ -37,8 +40,10 @@ class _LogitsOnly(torch.nn.Module):
 
 
 def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, overwrite=True, opset_version=None,
-                         **kwargs) -> dict | None:
+                         kv_cache=True, **kwargs) -> dict | None:
     p = ProblemList("save_pretrained_onnx")
+    if not isinstance(kv_cache, bool):
+        p.add("kv_cache", kv_cache, "True (also write model_with_past.onnx) or False", "pass kv_cache=True")
     if opset_version is not None and (not isinstance(opset_version, int) or opset_version < 18):
         p.add("opset_version", opset_version, "None or an ONNX opset >= 18", "leave it None")
     check_unknown_kwargs(p, kwargs, "remove it; see help(model.save_pretrained_onnx)")
@@ -53,9 +58,9 @@ def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, ove
     tokenizer = tokenizer if tokenizer is not None else getattr(state, "tokenizer", None)
     target = refuse_source_dir(save_directory, model, "save_pretrained_onnx")
     size = merged_nbytes(model, torch.float32)
-    check_free_space(target, 2 * size + (64 << 20), "save_pretrained_onnx")
+    check_free_space(target, (3 if kv_cache else 2) * size + (64 << 20), "save_pretrained_onnx")
     with atomic_directory(target, overwrite=overwrite, what="save_pretrained_onnx") as tmp:
-        scratch = Path(tempfile.mkdtemp(prefix=".onnx-merged-", dir=tmp.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=".onnx-merged-", dir=tmp))  # inside: a kill leaves one temp dir
         try:
             write_merged(model, tokenizer, scratch, torch.float32, 5 << 30)
             merged = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32, device_map="cpu").eval()
@@ -67,6 +72,8 @@ def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, ove
                           output_names=["logits"], dynamo=True, opset_version=opset_version,
                           dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: seq}},
                           external_data=size > (1 << 30))
+        if kv_cache:
+            export_with_past(merged, tmp / WITH_PAST_NAME, opset_version, external_data=size > (1 << 30))
         write_model_files(model, tokenizer, tmp, torch.float32)
         del merged
     logger.warning("fastlm: wrote ONNX export to %s", target)
@@ -83,4 +90,15 @@ def save_pretrained_onnx(model, save_directory, tokenizer=None, verify=True, ove
         got = session.run(None, {"input_ids": np.array([ids], dtype=np.int64)})[0][0]
         rows.append(compare_logits(logits_of(model, ids), torch.from_numpy(got)))
     tier = "quantized" if state is not None and state.quantization else "exact"
-    return save_report(target, {"format": "onnx", "checks": [check("onnxruntime", combine(rows), tier)]})
+    checks = [check("onnxruntime", combine(rows), tier)]
+    if kv_cache:
+        from .onnx_kv import verify_with_past
+
+        session = ort.InferenceSession(str(target / WITH_PAST_NAME), providers=["CPUExecutionProvider"])
+        metrics, ref, got = verify_with_past(model, session, tokenizer, model.config)
+        result = check("onnxruntime with past", metrics, tier, torch_greedy=ref, onnx_greedy=got)
+        if tier == "exact" and got != ref:
+            result["problems"].append(f"greedy continuation with the cache {got} differs from the model's {ref}")
+            result["passed"] = False
+        checks.append(result)
+    return save_report(target, {"format": "onnx", "checks": checks})

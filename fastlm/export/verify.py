@@ -59,6 +59,14 @@ def logits_of(model, ids: list[int]) -> torch.Tensor:
         model.train(was_training)
 
 
+def greedy_tokens(model, ids: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `ids`, each from a full forward of the model in memory (no cache: the reference)."""
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(logits_of(model, out)[-1].argmax()))
+    return out[len(ids):]
+
+
 def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
     """Per-position distribution agreement of `test` with `ref` ([T, V] logits each)."""
     n = min(ref.shape[-1], test.shape[-1])

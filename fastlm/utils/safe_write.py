@@ -6,13 +6,25 @@ Used by every fastlm save (training output, `save_pretrained`, exports).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import FastLMError
+
+logger = logging.getLogger(__name__)
+
+# temporary directories beside a target are named .<target>.tmp-<host>-<pid>-<random> (and .<target>.old-<host>-
+# <pid> while the old target is swapped out), so a later write can tell those of a killed process
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+STALE_AFTER_S = 24 * 3600  # temp dirs of another host (or unnamed ones) are stale after a day
 
 
 class UnsafeWriteError(FastLMError, ValueError):
@@ -79,11 +91,54 @@ def check_free_space(target, needed_bytes: int, what: str = "save") -> None:
             "is free. Fix: free some space or choose a target on another disk.")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _is_stale(entry: Path, host: str | None, pid: str | None) -> bool:
+    if host == _HOST and pid is not None:
+        return int(pid) != os.getpid() and not _alive(int(pid))
+    try:
+        return time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(target) -> list[Path]:
+    """Remove the temporary directories a killed write left beside `target`: those named for a process of this host
+    that is gone, and any older than a day. A stale swapped-out old target (`.<target>.old-*`, left by a kill
+    between the two renames) is put back when `target` is missing. Returns what was removed or restored."""
+    path = _resolved(target)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(?:([0-9a-f]{{8}})-(\d+)(?:-|$))?")
+    done = []
+    for entry in sorted(path.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_dir() or not _is_stale(entry, m.group(2), m.group(3)):
+            continue
+        if m.group(1) == "old" and not path.exists():
+            os.replace(entry, path)
+            logger.warning("fastlm: restored %s from %s, left by a write that was killed", path, entry.name)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            logger.warning("fastlm: removed %s, left beside %s by a write that was killed", entry.name, path.name)
+        done.append(entry)
+    return done
+
+
 @contextlib.contextmanager
 def _temp_beside(path: Path) -> Iterator[Path]:
-    """A fresh hidden temporary directory next to `path`, removed when the body raises."""
+    """A fresh hidden temporary directory next to `path` (after removing stale ones), removed when the body raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -106,7 +161,7 @@ def atomic_directory(target, overwrite: bool = True, what: str = "save") -> Iter
         yield tmp
     old = None
     if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        old = path.parent / f".{path.name}.old-{_HOST}-{os.getpid()}"
         os.replace(path, old)
     try:
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ...errors import UnsupportedFeatureError
+from .rope import rope_tensors, write_rope
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +55,11 @@ def family_of(config) -> GGUFFamily:
     return FAMILIES[model_type]
 
 
-def _rope(config) -> tuple[dict, dict | None]:
-    """(global RoPE parameters, sliding-window RoPE parameters or None) from a transformers 5 config."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        return params.get("full_attention", next(iter(params.values()))), params.get("sliding_attention")
-    if not params and getattr(config, "rope_theta", None) is not None:
-        params = {"rope_type": "default", "rope_theta": config.rope_theta}
-    return params, None
-
-
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def write_hparams(writer, config, fam: GGUFFamily) -> None:
-    import gguf
-
     hd = head_dim(config)
     n_head = config.num_attention_heads
     writer.add_context_length(int(config.max_position_embeddings))
@@ -83,20 +72,7 @@ def write_hparams(writer, config, fam: GGUFFamily) -> None:
     writer.add_key_length(int(hd))
     writer.add_value_length(int(hd))
     writer.add_vocab_size(int(config.vocab_size))
-    rope, rope_swa = _rope(config)
-    partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
-    writer.add_rope_dimension_count(int(hd * partial))
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if rope_swa is not None:
-        writer.add_rope_freq_base_swa(float(rope_swa.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", "default")
-    if kind == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif kind != "default":
-        raise UnsupportedFeatureError(
-            f"GGUF export supports default and linear RoPE, not rope_type={kind!r} ({config.model_type}). Fix: "
-            "export with save_pretrained_merged and convert with llama.cpp's convert_hf_to_gguf.py.")
+    write_rope(writer, config, fam.arch)
     if fam.softcaps:
         if getattr(config, "attn_logit_softcapping", None):
             writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
@@ -147,6 +123,7 @@ def gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], config, fam: GGUFFam
         if fam.norm_plus_one and hf_name.endswith("norm.weight"):
             data = data + 1.0
         yield new, data.numpy()
+    yield from rope_tensors(config, fam.arch)
 
 
 def tensor_type(name: str, data: np.ndarray, file_type: str):

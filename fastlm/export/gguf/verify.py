@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..verify import check, combine, compare_logits, logits_of, verify_inputs, VERIFY_TEXTS
+from ..verify import check, combine, compare_logits, greedy_tokens, logits_of, verify_inputs, VERIFY_TEXTS
 from .quantize import llama_cpp_module
 
 GREEDY_TOKENS = 8
@@ -29,13 +29,6 @@ def _cpp_logits(llm, ids: list[int]) -> torch.Tensor:
     llm.reset()
     llm.eval(ids)
     return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-
-
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = list(ids)
-    for _ in range(n):
-        out.append(int(logits_of(model, out)[-1].argmax()))
-    return out[len(ids):]
 
 
 def _cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
@@ -64,7 +57,7 @@ def verify_gguf(model, tokenizer, path, method: str, source_quantized: bool) -> 
                                       f"(first difference at token {first})")
         rows = [compare_logits(logits_of(model, ids), _cpp_logits(llm, ids)) for ids in inputs]
         prompt = inputs[-1][:32]
-        hf_cont, cpp_cont = _hf_greedy(model, prompt, GREEDY_TOKENS), _cpp_greedy(llm, prompt, GREEDY_TOKENS)
+        hf_cont, cpp_cont = greedy_tokens(model, prompt, GREEDY_TOKENS), _cpp_greedy(llm, prompt, GREEDY_TOKENS)
     finally:
         llm.close() if hasattr(llm, "close") else None
         del llm

@@ -1,5 +1,6 @@
 """The tokenizer in GGUF: byte-level BPE vocabulary, token types, merges, pre-tokenizer name, special token ids,
-add-BOS/EOS flags and the chat template, read from the HF fast tokenizer's `tokenizer.json`.
+add-BOS/EOS flags and the chat template, read from the HF fast tokenizer's `tokenizer.json`. SentencePiece-style
+tokenizers (byte-fallback BPE with ▁ for spaces) are written by vocab_spm.py.
 
 llama.cpp picks its pre-tokenizer regex by name (`tokenizer.ggml.pre`); the name is chosen here from the
 tokenizer's own pre-tokenizer pattern, and the GGUF check compares llama.cpp's tokenization with the HF one.
@@ -65,38 +66,15 @@ def chat_template_of(tokenizer) -> str | None:
     return template
 
 
-def write_vocab(writer, tokenizer, config) -> None:
-    import gguf
-
-    tj = _tokenizer_json(tokenizer)
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedFeatureError(
-            f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}"
-            f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}. Fix: export with "
-            "save_pretrained_merged and convert with llama.cpp's convert_hf_to_gguf.py.")
-    pre = pre_tokenizer_name(tj)
-    n_vocab = int(config.vocab_size)
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    for text, idx in model["vocab"].items():
-        if idx < n_vocab:
-            tokens[idx], types[idx] = text, gguf.TokenType.NORMAL
-    for added in tj.get("added_tokens", []):
-        idx = added["id"]
-        if idx < n_vocab:
-            tokens[idx] = added["content"]
-            types[idx] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+def _check_size(tokenizer, n_vocab: int) -> None:
     if len(tokenizer) > n_vocab:
         raise UnsupportedFeatureError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {n_vocab}. Fix: resize the "
             "model's embeddings (model.resize_token_embeddings(len(tokenizer))) before exporting.")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
+
+
+def write_specials(writer, tokenizer) -> None:
+    """Special token ids, end-of-turn token, add-BOS/EOS flags and the chat template."""
     for add, tid in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
                      (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if tid is not None:
@@ -110,3 +88,42 @@ def write_vocab(writer, tokenizer, config) -> None:
     template = chat_template_of(tokenizer)
     if template:
         writer.add_chat_template(template)
+
+
+def write_vocab(writer, tokenizer, config) -> None:
+    import gguf
+
+    tj = _tokenizer_json(tokenizer)
+    model = tj.get("model", {})
+    if model.get("byte_fallback") or model.get("type") == "Unigram":
+        from .vocab_spm import write_spm_vocab
+
+        _check_size(tokenizer, int(config.vocab_size))
+        write_spm_vocab(writer, tokenizer, tj, int(config.vocab_size))
+        write_specials(writer, tokenizer)
+        return
+    if model.get("type") != "BPE":
+        raise UnsupportedFeatureError(
+            f"GGUF export supports byte-level BPE and SentencePiece-style (byte-fallback BPE) tokenizers; this one "
+            f"is {model.get('type')}. Fix: export with save_pretrained_merged and convert with llama.cpp's "
+            "convert_hf_to_gguf.py.")
+    pre = pre_tokenizer_name(tj)
+    n_vocab = int(config.vocab_size)
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, idx in model["vocab"].items():
+        if idx < n_vocab:
+            tokens[idx], types[idx] = text, gguf.TokenType.NORMAL
+    for added in tj.get("added_tokens", []):
+        idx = added["id"]
+        if idx < n_vocab:
+            tokens[idx] = added["content"]
+            types[idx] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    _check_size(tokenizer, n_vocab)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    write_specials(writer, tokenizer)
