@@ -49,7 +49,17 @@ def teacher_forced(model, engine, prompt, steps):
         ours.append(engine.decode(tok, torch.tensor([pos + i], device=engine.device))[0].clone())
     ours = torch.stack(ours)
     agree = (ours.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
-    return agree, (ours - hf_logits).abs().max().item(), hf_logits.std().item()
+    # both against the same model in fp32 on the same tokens: is the engine's error that of bf16 itself?
+    import copy
+
+    exact_model = copy.deepcopy(model).float()
+    with torch.no_grad():
+        seq = torch.cat([prompt, hf_tokens[None, :steps - 1]], 1)
+        exact = exact_model(seq).logits[0, prompt.shape[1] - 1:].float()
+    del exact_model
+    ours_err = (ours - exact).abs().max().item()
+    hf_err = (hf_logits - exact).abs().max().item()
+    return agree, (ours - hf_logits).abs().max().item(), hf_logits.std().item(), ours_err, hf_err
 
 
 def graph_vs_eager(model, prompt, steps, device):
@@ -175,7 +185,9 @@ def check_shape(name, device, dtype, steps):
 def verdict(row, steps) -> bool:
     tf = row.get("teacher_forced")
     ge = row.get("graph_vs_eager")
-    ok = isinstance(tf, tuple) and tf[0] >= 0.9
+    # argmax agreement with HF's bf16 run, or (random weights have near-ties) an error against the fp32 model no
+    # larger than HF's own bf16 error
+    ok = isinstance(tf, tuple) and (tf[0] >= 0.9 or tf[3] <= 1.5 * tf[4])
     ok &= isinstance(ge, tuple) and ge[0] >= 0.9
     be = row.get("batching_equals_alone")
     ok &= isinstance(be, tuple) and be[0] >= be[1] - 1
@@ -201,14 +213,15 @@ def main(argv=None):
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
-    print("\nshape               lora  tf-agree  tf-maxdiff  graph=eager  free-prefix      batch=alone  "
-          "tok/s(b1)  GB/s   warmup  ok")
+    print("\nshape               lora  tf-agree  tf-maxdiff  err-vs-fp32(ours/hf)  graph=eager  free-prefix      "
+          "batch=alone  tok/s(b1)  GB/s   warmup  ok")
     for r in rows:
         tf = r.get("teacher_forced")
         ge = r.get("graph_vs_eager")
         print(f"{r['shape']:<19} {str(r.get('lora', '')):<5} "
               f"{(f'{tf[0]:.2f}' if isinstance(tf, tuple) else 'ERR'):>8}  "
               f"{(f'{tf[1]:.3f}' if isinstance(tf, tuple) else '-'):>10}  "
+              f"{(f'{tf[3]:.3f}/{tf[4]:.3f}' if isinstance(tf, tuple) else '-'):>20}  "
               f"{(f'{ge[0]:.2f}' if isinstance(ge, tuple) else 'ERR'):>11}  "
               f"{str(r.get('free_running_prefix', '-'))[:15]:<15}  {str(r.get('batching_equals_alone', '-')):<11}  "
               f"{r.get('tok_s_b1', '-'):>9}  {r.get('gbps_b1', '-'):>5}  {r.get('warmup_s', '-'):>6}  {r['ok']}")

@@ -8,7 +8,7 @@ steps=${*:-check bench1b}
 for s in $steps; do
   echo "=== $s $(date +%T)" | tee -a "$OUT/summary.txt"
   case $s in
-    check) timeout 300 python3 scripts/gpu_engine_check.py > "$OUT/check.txt" 2>&1; grep -v "^{" "$OUT/check.txt" | tail -12 | tee -a "$OUT/summary.txt" ;;
+    check) timeout 300 python3 scripts/gpu_engine_check.py ${CHECK_ARGS:-} > "$OUT/check.txt" 2>&1; grep -v "^{" "$OUT/check.txt" | tail -12 | tee -a "$OUT/summary.txt" ;;
     bench1b) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.2-1b --lora-rank 16 --hf-new-tokens 32 > "$OUT/bench1b.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench1b.txt" | tee -a "$OUT/summary.txt" ;;
     bench4) timeout 240 python3 -m fastlm.bench.generate --shape llama-3.2-1b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 32 > "$OUT/bench1b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench1b4.txt" | tee -a "$OUT/summary.txt" ;;
     bench8b4) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.1-8b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 16 > "$OUT/bench8b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench8b4.txt" | tee -a "$OUT/summary.txt" ;;

@@ -11,6 +11,8 @@ version a prefill uses (`decode_attention_reference`) is the reference.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ._triton import jit, next_pow2, tl, triton, use_triton
@@ -42,7 +44,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, stride_qb, s
                              HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    pos = tl.load(pos_ptr + b)
+    pos = tl.load(pos_ptr + b).to(tl.int32)
     gi = tl.arange(0, BLOCK_G)
     di = tl.arange(0, BLOCK_D)
     g_ok = gi < G
@@ -51,9 +53,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, stride_qb, s
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + di[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     hi = tl.minimum(pos + 1, L)
-    lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(pos - window + 1, 0)
+    else:
+        lo = pos * 0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -89,6 +92,37 @@ def decode_attention(q, k_cache, v_cache, positions, scaling: float, softcap: fl
     if (t != 1 or h % kv or q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous()
             or not use_triton(q, k_cache, v_cache)):
         return decode_attention_reference(q, k_cache, v_cache, positions, scaling, softcap, window)
+    # an opaque op for torch.compile: inductor calls it as it is (the launch that eager mode makes) instead of
+    # re-compiling the Triton kernel inside its own graph
+    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, positions, float(scaling), float(softcap or 0.0),
+                                             int(window or 0))
+
+
+def _define_op() -> None:
+    """Register fastlm::decode_attention once per process (a reloaded module, as the interpreter tests do, reuses
+    it: the op looks the launcher up in this module at call time)."""
+    if hasattr(torch.ops.fastlm, "decode_attention"):
+        return
+
+    @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+    def _op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scaling: float,
+            softcap: float, window: int) -> torch.Tensor:
+        return sys.modules[__name__]._launch(q, k_cache, v_cache, positions, scaling, softcap or None, window or None)
+
+    @_op.register_fake
+    def _(q, k_cache, v_cache, positions, scaling, softcap, window):
+        b, h, _, d = q.shape
+        return q.new_empty(b, 1, h * d)
+
+
+_define_op()
+
+
+def _launch(q, k_cache, v_cache, positions, scaling, softcap, window):
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no copy for the engine's caches
+    b, h, t, d = q.shape
+    kv = k_cache.shape[1]
     g = h // kv
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     block_g = next_pow2(g)

@@ -71,3 +71,35 @@ def test_compiled_decode_step_equals_the_eager_step(tiny_model_factory, loaded, 
     # not one per layer (the warm-up on a GPU would grow with the depth)
     n_layers = len(eng.view.layers)
     assert n_layers == 4 and counters["stats"]["unique_graphs"] - graphs_before <= 3
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_decode_attention_kernel_in_the_engine_equals_the_matmul_path(tiny_model_factory, loaded, model_type,
+                                                                     monkeypatch):
+    """On a GPU the decode step's attention is the Triton kernel; here it runs under the interpreter and must give
+    the logits of the matmul path (GQA; Gemma 2's soft-cap and sliding window)."""
+    from fastlm.inference import decoder
+    from fastlm.kernels._triton import force_triton
+
+    calls = []
+    kernel_call = decoder.decode_attention
+    monkeypatch.setattr(decoder, "decode_attention", lambda *a: calls.append(1) or kernel_call(*a))
+
+    model, tok = loaded(tiny_model_factory(model_type), lora=True)
+    prompts = [tok("the cat is red and the dog is blue")["input_ids"], tok("one")["input_ids"]]
+    runs = []
+    for forced in (False, True):
+        eng = Engine(model, max_slots=2, max_len=32, fuse=True)
+        first = eng.prefill([0, 1], prompts)
+        tok_ids, pos, outs = first.argmax(-1), torch.tensor([len(p) for p in prompts]), []
+        for _ in range(3):
+            if forced:
+                with force_triton():
+                    out = eng.decode(tok_ids, pos)
+            else:
+                out = eng.decode(tok_ids, pos)
+            outs.append(out.clone())
+            tok_ids, pos = out.argmax(-1), pos + 1
+        runs.append(torch.stack(outs))
+        assert len(calls) == (3 * len(eng.view.layers) if forced else 0)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)

@@ -50,3 +50,17 @@ def test_reference_equals_attention_written_out_per_key():
             w = torch.softmax(s, 0)
             expected = sum(wj * v[row, kvh, j] for wj, j in zip(w, keys))
             torch.testing.assert_close(got[row, 0, head * 16:(head + 1) * 16], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_under_torch_compile_is_the_same_launch():
+    """The engine compiles its decode step: the kernel goes in as an opaque op and gives the eager launch's output."""
+    mod = kernel_module("decode_attention")
+    q, k, v = _case(2, 8, 2, 64, 40, torch.float32, seed=3)
+    positions = torch.tensor([3, 39])
+    with force_triton():
+        eager = mod.decode_attention(q, k, v, positions, 0.125, None, 16)
+        compiled = torch.compile(lambda *a: mod.decode_attention(*a, 0.125, None, 16), fullgraph=True)(
+            q, k, v, positions)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(eager, mod.decode_attention_reference(q, k, v, positions, 0.125, None, 16),
+                               atol=1e-5, rtol=1e-5)

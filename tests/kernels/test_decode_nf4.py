@@ -42,6 +42,11 @@ def test_nf4_gemv_matches_reference_and_bitsandbytes(n, k, m, nested):
     got = nf4_gemv(x, packed, absmax, code, n, k, 64)
     torch.testing.assert_close(got, nf4_gemv_reference(x, packed, absmax, code, n, k, 64), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4)
+    for config in kern._V2_CONFIGS:  # every config the GPU tuning may pick computes the same
+        if config[1] and k % config[1]:
+            continue
+        got = nf4_gemv(x, packed, absmax, code, n, k, 64, config=config)
+        torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4, msg=f"config {config}")
 
 
 def test_engine_reads_nf4_layers_as_4bit_and_matches_bitsandbytes(tiny_model_factory):
