@@ -188,6 +188,9 @@ def main(argv=None) -> dict:
             result["bandwidth_fraction_b1"] = round(gbps / copy_gbps, 5)
             line += f", {gbps:.0f} GB/s = {gbps / copy_gbps:.0%} of copy bandwidth {copy_gbps:.0f} GB/s"
         print(line)
+    if device == "cuda":  # the whole process: the model, HF's generate, the engine's cache and graphs
+        result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated, whole run): {result['peak_gb']:.2f} GB")
     if "hf_tok_s_b1" in result and "fastlm_tok_s_b1" in result:
         result["speedup_b1"] = round(result["fastlm_tok_s_b1"] / result["hf_tok_s_b1"], 2)
     print(json.dumps(result))
