@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--load-in-4bit", action="store_true",
                    help="load the model in 4-bit first (merged exports still read the original 16-bit weights)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the loaded model")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="onnx: write only model.onnx, not the KV-cache graph model_with_past.onnx")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the result to this hub repo")
     p.add_argument("--token", default=None, help="Hugging Face token for --push-to-hub")
     p.add_argument("--private", action="store_true", help="create the hub repo as private")
@@ -49,6 +51,8 @@ def check_args(args) -> None:
         p.add("--quantization", args.quantization, "only with --format gguf", "drop -q or use --format gguf")
     if args.torchao_config and args.format != "torchao":
         p.add("--torchao-config", args.torchao_config, "only with --format torchao", "drop it or use --format torchao")
+    if getattr(args, "no_kv_cache", False) and args.format != "onnx":
+        p.add("--no-kv-cache", True, "only with --format onnx", "drop it or use --format onnx")
     p.raise_if_any()
 
 
@@ -70,7 +74,7 @@ def export(model, tokenizer, args, output: Path) -> dict | None:
                                           **common)
     if args.format == "torchao":
         return model.save_pretrained_torchao(output, tokenizer, torchao_config=args.torchao_config, **common)
-    return model.save_pretrained_onnx(output, tokenizer, **common)
+    return model.save_pretrained_onnx(output, tokenizer, kv_cache=not args.no_kv_cache, **common)
 
 
 def run(args) -> int:

@@ -47,6 +47,17 @@ def test_cli_bad_flags(adapter_dir):
     with pytest.raises(ConfigError) as err:
         args.run(args)
     assert "--quantization" in str(err.value) and "--torchao-config" in str(err.value)
+    args = _parse(["export", str(adapter_dir), "-f", "gguf", "--no-kv-cache"])
+    with pytest.raises(ConfigError, match="--no-kv-cache.*only with --format onnx"):
+        args.run(args)
+
+
+def test_cli_onnx_without_the_kv_cache_graph(adapter_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    args = _parse(["export", str(adapter_dir), "-f", "onnx", "--no-kv-cache", "-o", str(tmp_path / "o")])
+    assert args.run(args) == 0
+    assert (tmp_path / "o" / "model.onnx").is_file()
+    assert not (tmp_path / "o" / "model_with_past.onnx").exists()
 
 
 def test_unreachable_hub_keeps_the_export(tiny_model_factory, lora_model_factory, tmp_path, monkeypatch):
