@@ -5,7 +5,7 @@ Per case: the captured decode step alone (graph replays back to back, ms/token),
 ones by time) and the floor (weight bytes / copy bandwidth). Then the NF4 dequant-GEMV kernels at the decode
 shapes against cuBLAS' bf16 GEMV and the bandwidth floor. Prints tables, one JSON line last.
 
-    python scripts/gpu_engine_profile.py [--cases lora16,lora0,nf4] [--shape llama-3.2-1b] [--no-nf4-sweep]
+    python scripts/gpu_engine_profile.py [--cases lora16,lora16+kernel,lora0,nf4] [--shape llama-3.2-1b] [--no-nf4-sweep]
 """
 from __future__ import annotations
 
@@ -120,7 +120,13 @@ def main():
     bw = copy_bandwidth_gbps("cuda")
     out = dict(copy_gbps=round(bw, 1), cases=[])
     table = []
+    from fastlm.inference import decoder
+
     for case in args.cases.split(","):
+        # "lora16+kernel": the Triton decode-attention op inside the compiled step instead of products and sums
+        case, _, variant = case.partition("+")
+        decoder.COMPILED_DECODE_ATTENTION = "kernel" if variant == "kernel" else "sum"
+        torch._dynamo.reset()
         rank = int(case[4:]) if case.startswith("lora") else 0
         model = build_model(args.shape, torch.bfloat16, "cuda", lora_rank=rank, load_in_4bit=case == "nf4")
         wb = weight_bytes(model)
@@ -134,7 +140,7 @@ def main():
         tps, _, _ = engine_run(engine, prompt, 256, "cuda")
         count, total_us, tops = kernel_profile(engine)
         floor_ms = wb / (bw * 1e9) * 1e3
-        row = dict(case=case, weight_gb=round(wb / 1e9, 3), warmup_s=round(warm, 1), replay_ms=round(rep, 3),
+        row = dict(case=case + ("+" + variant if variant else ""), weight_gb=round(wb / 1e9, 3), warmup_s=round(warm, 1), replay_ms=round(rep, 3),
                    loop_tok_s=round(tps, 1), loop_ms=round(1e3 / tps, 3), kernels=count,
                    kernel_sum_ms=round(total_us / 1e3, 3), floor_ms=round(floor_ms, 3))
         table.append(row)

@@ -16,6 +16,7 @@ built once, with unmerged LoRA terms `scale * B(A x)` added per output slice.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from ..kernels.reference import rotate_half
 
 
 NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
+# the compiled decode step's attention: "sum" (products and sums, measured on the H100) or "kernel" (the Triton
+# decode-attention custom op, not measured inside the compiled step yet; scripts/gpu_engine_profile.py compares)
+COMPILED_DECODE_ATTENTION = "sum"
 
 
 def _read_base(base):
@@ -197,6 +201,16 @@ def _lora_up(xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.linear(xa, b)
 
 
+def _plain(module):
+    """The module's own class forward, bound to it: transformers' norm math even where a training patch (fastlm's
+    Triton RMSNorm) replaced the instance's forward. Inductor fuses that math into the compiled decode step itself;
+    a hand-written kernel there would have to be re-compiled inside its graph (which failed on the H100 for the
+    attention kernel) or stay an opaque launch."""
+    if module is None:
+        return None
+    return functools.partial(type(module).forward, module)
+
+
 @dataclass
 class LayerView:
     input_norm: nn.Module
@@ -248,7 +262,7 @@ class DecoderView:
         self.config = config
         inner = model.model
         self.embed = inner.embed_tokens
-        self.final_norm = inner.norm
+        self.final_norm = _plain(inner.norm)
         self.lm_head = model.lm_head
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -282,13 +296,13 @@ class DecoderView:
             rope_keys.add(key)
             sandwich = hasattr(layer, "pre_feedforward_layernorm")
             self.layers.append(LayerView(
-                input_norm=layer.input_layernorm, post_attn_norm=layer.post_attention_layernorm,
-                pre_ff_norm=layer.pre_feedforward_layernorm if sandwich else None,
-                post_ff_norm=layer.post_feedforward_layernorm if sandwich else None,
+                input_norm=_plain(layer.input_layernorm), post_attn_norm=_plain(layer.post_attention_layernorm),
+                pre_ff_norm=_plain(layer.pre_feedforward_layernorm) if sandwich else None,
+                post_ff_norm=_plain(layer.post_feedforward_layernorm) if sandwich else None,
                 qkv=qkv, o=Projection([attn.o_proj], [config.hidden_size], fuse),
                 gate_up=gate_up, down=Projection([mlp.down_proj], [config.hidden_size], fuse),
                 act=mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn,
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                q_norm=_plain(getattr(attn, "q_norm", None)), k_norm=_plain(getattr(attn, "k_norm", None)),
                 scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 window=int(window) if window else None, softcap=attn_cap, rope_key=key))
         self.rope = _rope_tables(model, max_len, self.device, self.dtype, rope_keys)
@@ -308,8 +322,8 @@ class DecoderView:
         Key j is seen by a query at position p when j <= p (and j > p - window on sliding layers)."""
         b, h, t, d = q.shape
         compiling = torch.compiler.is_compiling()
-        if t == 1 and not compiling and use_triton(q, k, v):
-            # eager decode on the GPU: one Triton launch reading only the allowed keys
+        if t == 1 and (not compiling or COMPILED_DECODE_ATTENTION == "kernel") and use_triton(q, k, v):
+            # decode on the GPU: one Triton launch reading only the allowed keys
             return decode_attention(q, k, v, q_pos[:, 0], lv.scaling, lv.softcap, lv.window)
         g = h // self.n_kv
         qg = q.reshape(b, self.n_kv, g * t, d)

@@ -103,3 +103,25 @@ def test_decode_attention_kernel_in_the_engine_equals_the_matmul_path(tiny_model
         runs.append(torch.stack(outs))
         assert len(calls) == (3 * len(eng.view.layers) if forced else 0)
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_with_the_attention_kernel_op_equals_the_eager_step(tiny_model_factory, loaded, monkeypatch):
+    """The variant scripts/gpu_engine_profile.py measures ("lora16+kernel"): the Triton decode attention inside the
+    compiled step as the fastlm::decode_attention op (interpreter here) gives the eager step's logits."""
+    import torch._dynamo
+
+    from fastlm.inference import decoder
+    from fastlm.kernels._triton import force_triton
+
+    model, tok = loaded(tiny_model_factory("gemma2"), lora=True)
+    prompts = [tok("the cat is red")["input_ids"], tok("one")["input_ids"]]
+    monkeypatch.setattr(decoder, "COMPILED_DECODE_ATTENTION", "kernel")
+    torch._dynamo.reset()
+    steps = []
+    with force_triton():
+        for compiled in (False, True):
+            eng = Engine(model, max_slots=2, max_len=32, fuse=True, compile=compiled, cuda_graphs=False)
+            first = eng.prefill([0, 1], prompts)
+            steps.append(eng.decode(first.argmax(-1), torch.tensor([len(p) for p in prompts])))
+    torch._dynamo.reset()
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
