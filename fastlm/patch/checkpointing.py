@@ -3,7 +3,9 @@
 `use_gradient_checkpointing` accepts True, False or "unsloth". True is transformers' non-reentrant checkpointing;
 "unsloth" keeps only each decoder layer's input, offloaded to pinned CPU memory on CUDA and prefetched for the
 recompute in backward (patch/offload_checkpointing.py); models without transformers' checkpointing layers get
-plain checkpointing.
+plain checkpointing. While "unsloth" is installed, transformers' own enable calls (TRL's around every generation
+step, the Trainer's at train start) keep the offloaded function and its disable calls disable; True (plain) is left
+to transformers entirely.
 transformers >= 5.2x names these methods `activation_checkpointing_*` and deprecates the `gradient_checkpointing_*`
 names; both generations are supported (the GPU image has 5.17).
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from typing import Callable
 
@@ -34,6 +35,9 @@ class OffloadState:
     def __init__(self) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.pending: list[weakref.ref] = []
+
+    def __reduce__(self):  # a copied (or pickled) model gets fresh streams: CUDA streams cannot be copied
+        return OffloadState, ()
 
     def stream(self, device: torch.device):
         if device not in self.streams:
@@ -191,62 +195,146 @@ def _decoder_layers(model) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-_UNSET = object()
-_UNDO_ATTR = "_fastlm_offload_undo"
+class _Unset:
+    """'No instance attribute': one object, also in deep copies and pickles."""
+
+    def __reduce__(self):
+        return "_UNSET"
+
+
+_UNSET = _Unset()
+_RECORD_ATTR = "_fastlm_offload"  # on the transformers model: the OffloadInstall in force
+PATCH_NAME = "offloaded_checkpointing"  # its entry in the model's PatchSet, so `fastlm.patch.remove` takes it off
+
+
+def _set_attr(obj, name: str, value) -> None:
+    if value is _UNSET:
+        obj.__dict__.pop(name, None)
+    else:
+        object.__setattr__(obj, name, value)
+
+
+class KeepOffloadedOnEnable:
+    """A transformers model's instance `_set_gradient_checkpointing` while offloaded checkpointing is installed.
+
+    Every way transformers turns checkpointing on or off (`gradient_checkpointing_enable` / `_disable`, and the
+    `activation_checkpointing_*` names of transformers >= 5.2x, whichever object PEFT forwards them from) ends in
+    `self._set_gradient_checkpointing(enable=..., gradient_checkpointing_func=...)`, which puts its plain
+    `torch.utils.checkpoint` partial on every layer. This runs that method unchanged, then, when it enabled, puts the
+    offloaded function back on this model's layers; disabling stays plain disabling. TRL toggles checkpointing
+    around every generation step, so without it the offloaded mode would be gone after the first one.
+    Held as attributes (not a closure), so a deep copy of the model gets one bound to the copy."""
+
+    def __init__(self, module: nn.Module, install: "OffloadInstall", previous):
+        self.module, self.install, self.previous = module, install, previous
+
+    def __call__(self, *args, **kwargs):
+        inner = self.previous if self.previous is not _UNSET else \
+            type(self.module)._set_gradient_checkpointing.__get__(self.module)
+        result = inner(*args, **kwargs)
+        if kwargs.get("enable", args[0] if args else True):
+            self.install.put_back(self.module)
+        return result
+
+
+class OffloadInstall:
+    """What one `install_offloaded_checkpointing` changed, kept on the transformers model (`owner`)."""
+
+    def __init__(self, owner: nn.Module, layers: list[nn.Module], func: Callable):
+        self.owner, self.layers, self.func = owner, layers, func
+        self.previous = [(layer, layer.__dict__.get("gradient_checkpointing", _UNSET),
+                          layer.__dict__.get("_gradient_checkpointing_func", _UNSET)) for layer in layers]
+        self.hooks: list[tuple[nn.Module, object]] = []
+        self.old_cache: list = []
+
+    def put_back(self, within: nn.Module) -> None:
+        """The offloaded function on the layers under `within` (transformers just set its own there)."""
+        under = {id(m) for m in within.modules()}
+        for layer in self.layers:
+            if id(layer) in under:
+                layer._gradient_checkpointing_func = self.func
+
+    def hook(self, model: nn.Module) -> None:
+        from transformers import PreTrainedModel
+
+        for module in model.modules():
+            method = getattr(type(module), "_set_gradient_checkpointing", None)
+            if not isinstance(module, PreTrainedModel) or method is None \
+                    or "value" in inspect.signature(method).parameters:  # pre-4.35 remote code: nothing to keep
+                continue
+            previous = module.__dict__.get("_set_gradient_checkpointing", _UNSET)
+            self.hooks.append((module, previous))
+            object.__setattr__(module, "_set_gradient_checkpointing", KeepOffloadedOnEnable(module, self, previous))
+
+    def undo(self) -> None:
+        """Give back transformers' checkpointing: layers still on the offloaded function get their earlier function
+        and flag back; layers that were disabled since stay disabled."""
+        if self.owner.__dict__.get(_RECORD_ATTR) is not self:
+            return  # already undone (or replaced by a later install, which undid this one)
+        for module, previous in reversed(self.hooks):
+            _set_attr(module, "_set_gradient_checkpointing", previous)
+        for layer, flag, old_func in self.previous:
+            if layer.__dict__.get("_gradient_checkpointing_func") is self.func:
+                _set_attr(layer, "_gradient_checkpointing_func", old_func)
+                if layer.gradient_checkpointing:
+                    _set_attr(layer, "gradient_checkpointing", flag)
+        for config, value in self.old_cache:
+            config.use_cache = value
+        self.owner.__dict__.pop(_RECORD_ATTR, None)
+
+    def remove(self) -> None:
+        """`undo`, and its entry out of the model's PatchSet."""
+        self.undo()
+        from . import patch_set
+
+        ps = patch_set(self.owner)
+        if ps is not None:
+            ps.installed[:] = [(name, undo) for name, undo in ps.installed if undo != self.undo]
 
 
 def install_offloaded_checkpointing(model) -> Callable[[], None]:
     """Checkpoint every decoder layer of `model` (a transformers or PEFT model) with offloaded inputs, and turn
     `use_cache` off. Returns `undo()`, which gives back the layers' previous checkpointing settings and `use_cache`
-    (also reachable as `remove_offloaded_checkpointing(model)`). Installing again first undoes the earlier install.
+    (also reachable as `remove_offloaded_checkpointing(model)` and, when the model carries a fastlm PatchSet, as
+    `fastlm.patch.remove(model)`). Installing again first undoes the earlier install.
 
-    Call it after any `gradient_checkpointing_enable` / `activation_checkpointing_enable` (which would set plain
-    checkpointing again), and `remove_offloaded_checkpointing` before `gradient_checkpointing_disable`."""
+    While installed, transformers' `gradient_checkpointing_enable` / `activation_checkpointing_enable` (on this
+    model or its PEFT wrapper, any kwargs) keep the offloaded function and `_disable` disables
+    (`KeepOffloadedOnEnable`). Call it after transformers' enable, which turns the layers' checkpointing on."""
     remove_offloaded_checkpointing(model)
     layers = _decoder_layers(model)
     if not layers:
         raise UnsupportedFeatureError(
             f"{type(model).__name__} has no transformers GradientCheckpointingLayer, so its layers cannot be "
             "checkpointed with offloading. Fix: use use_gradient_checkpointing=True (plain checkpointing).")
-    state = OffloadState()
-    func = functools.partial(offloaded_checkpoint, state=state)
-    previous = [(layer, layer.__dict__.get("gradient_checkpointing", _UNSET),
-                 layer.__dict__.get("_gradient_checkpointing_func", _UNSET)) for layer in layers]
+    owner = base_model_of(model)
+    install = OffloadInstall(owner, layers, functools.partial(offloaded_checkpoint, state=OffloadState()))
     configs = [c for c in {id(m.config): m.config for m in model.modules()
                            if getattr(m, "config", None) is not None and hasattr(m.config, "use_cache")}.values()]
-    old_cache = [(c, c.use_cache) for c in configs]
+    install.old_cache = [(c, c.use_cache) for c in configs]
     for layer in layers:
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = func
+        layer._gradient_checkpointing_func = install.func
     for config in configs:
         config.use_cache = False
-    owner = base_model_of(model)
+    install.hook(owner)
+    owner.__dict__[_RECORD_ATTR] = install
+    from . import patch_set
 
-    def undo() -> None:
-        if owner.__dict__.get(_UNDO_ATTR) is not undo:
-            return  # already undone (or replaced by a later install, which undid this one)
-        for layer, flag, old_func in previous:
-            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", old_func)):
-                if value is _UNSET:
-                    layer.__dict__.pop(name, None)
-                else:
-                    setattr(layer, name, value)
-        for config, value in old_cache:
-            config.use_cache = value
-        owner.__dict__.pop(_UNDO_ATTR, None)
-
-    owner.__dict__[_UNDO_ATTR] = undo
-    return undo
+    ps = patch_set(owner)
+    if ps is not None:
+        ps.installed.append((PATCH_NAME, install.undo))
+    return install.remove
 
 
 def is_offloaded_checkpointing(model) -> bool:
-    return _UNDO_ATTR in base_model_of(model).__dict__
+    return _RECORD_ATTR in base_model_of(model).__dict__
 
 
 def remove_offloaded_checkpointing(model) -> bool:
     """Undo `install_offloaded_checkpointing` on this model if it is installed. Returns whether it was."""
-    undo = base_model_of(model).__dict__.get(_UNDO_ATTR)
-    if undo is None:
+    install = base_model_of(model).__dict__.get(_RECORD_ATTR)
+    if install is None:
         return False
-    undo()
+    install.remove()
     return True
