@@ -141,10 +141,12 @@ if triton is not None:
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) tried per (N, K) on first use; measured at the decode shapes of Llama-3.2-1B and
-# Llama-3.1-8B on an H100 (scripts/gpu_engine_profile.py), each of these won at least one shape
+# (BLOCK_N, BLOCK_K, num_warps) tried per (N, K) on first use; each of the first seven won at least one decode shape
+# of Llama-3.2-1B / Llama-3.1-8B on an H100 (scripts/gpu_engine_profile.py's sweep)
 _V2_CONFIGS = [(1, 1024, 1), (1, 1024, 2), (4, 512, 2), (4, 1024, 1), (8, 256, 1), (8, 512, 2), (16, 256, 1),
-               # BLOCK_K 0: the one-block-per-step kernel
+               # larger tiles, more bytes in flight per program (not measured yet; the timing below decides)
+               (8, 1024, 4), (16, 512, 4), (16, 1024, 8),
+               # BLOCK_K 0: the one-block-per-step kernel (not measured yet)
                (8, 0, 1), (16, 0, 1), (16, 0, 2), (32, 0, 2), (32, 0, 4), (64, 0, 4)]
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
