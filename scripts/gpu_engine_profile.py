@@ -125,7 +125,7 @@ def main():
     for case in args.cases.split(","):
         # "lora16+kernel": the Triton decode-attention op inside the compiled step instead of products and sums
         case, _, variant = case.partition("+")
-        decoder.COMPILED_DECODE_ATTENTION = "kernel" if variant == "kernel" else "sum"
+        decoder.COMPILED_DECODE_ATTENTION = variant or "sum"  # "+kernel", "+auto"
         torch._dynamo.reset()
         rank = int(case[4:]) if case.startswith("lora") else 0
         model = build_model(args.shape, torch.bfloat16, "cuda", lora_rank=rank, load_in_4bit=case == "nf4")

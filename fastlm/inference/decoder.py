@@ -30,9 +30,10 @@ from ..kernels.reference import rotate_half
 
 
 NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
-# the compiled decode step's attention: "sum" (products and sums, measured on the H100) or "kernel" (the Triton
-# decode-attention custom op, not measured inside the compiled step yet; scripts/gpu_engine_profile.py compares)
-COMPILED_DECODE_ATTENTION = "sum"
+# the compiled decode step's attention: "sum" (products and sums, measured on the H100), "kernel" (the Triton
+# decode-attention custom op) or "auto" (the engine captures each batch bucket both ways on the GPU and keeps the
+# faster replay; scripts/gpu_engine_profile.py compares them)
+COMPILED_DECODE_ATTENTION = "auto"
 
 
 def _read_base(base):
@@ -309,6 +310,8 @@ class DecoderView:
         self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
+        # what the compiled step's attention is while it is being captured ("sum" or "kernel"); the engine sets it
+        self.compiled_attention = "kernel" if COMPILED_DECODE_ATTENTION == "kernel" else "sum"
 
     def refresh_adapters(self) -> None:
         """Copy the live LoRA weights into the fused adapter buffers (cheap; in place, so graphs stay valid)."""
@@ -322,7 +325,7 @@ class DecoderView:
         Key j is seen by a query at position p when j <= p (and j > p - window on sliding layers)."""
         b, h, t, d = q.shape
         compiling = torch.compiler.is_compiling()
-        if t == 1 and (not compiling or COMPILED_DECODE_ATTENTION == "kernel") and use_triton(q, k, v):
+        if t == 1 and (not compiling or self.compiled_attention == "kernel") and use_triton(q, k, v):
             # decode on the GPU: one Triton launch reading only the allowed keys
             return decode_attention(q, k, v, q_pos[:, 0], lv.scaling, lv.softcap, lv.window)
         g = h // self.n_kv

@@ -80,6 +80,7 @@ class Engine:
         self.adapter_key = adapter_state_key(model)
         self.vocab_size = base.config.vocab_size
         self._graphs: dict[int, tuple] = {}
+        self._attention: dict[int, str] = {}  # bucket -> the compiled attention form its graphs were captured with
         self._compiled = None
         self.warmup_seconds = 0.0
 
@@ -149,6 +150,7 @@ class Engine:
         capture failed: the caller keeps decoding uncaptured; reported once)."""
         if not self.use_graphs or (b not in self._graphs and self._capture(b) is None):
             return None
+        self.view.compiled_attention = self._attention.get(b, self.view.compiled_attention)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
@@ -182,9 +184,13 @@ class Engine:
     def _capture(self, b: int):
         """Compile (first use) and capture the decode step of bucket b in a CUDA graph. Falls back to eager
         capture if compilation fails, and to no graph at all if capture fails (each with one notice)."""
+        from . import decoder
+
         start = time.perf_counter()
         tok = torch.zeros(b, dtype=torch.long, device=self.device)
         pos = torch.zeros(b, dtype=torch.long, device=self.device)
+        if decoder.COMPILED_DECODE_ATTENTION == "auto":
+            self.view.compiled_attention = "sum"  # each bucket starts from the measured form (_pick_attention)
         fn = self._step_fn()
         try:
             out = self._graph_capture(fn, tok, pos)
@@ -205,9 +211,52 @@ class Engine:
                 self.use_graphs = False
                 torch.cuda.synchronize()
                 return None
+        if self.use_compile:
+            out = self._pick_attention(b, tok, pos, out)
         self._graphs[b] = out
         self.warmup_seconds += time.perf_counter() - start
         return out
+
+    def _pick_attention(self, b: int, tok, pos, first):
+        """With COMPILED_DECODE_ATTENTION = "auto": capture bucket b's step again with the Triton decode-attention
+        op and keep whichever graph replays faster on this device. Any failure keeps the first capture."""
+        from . import decoder
+
+        view = self.view
+        self._attention[b] = view.compiled_attention
+        if decoder.COMPILED_DECODE_ATTENTION != "auto" or view.compiled_attention != "sum":
+            return first
+        try:
+            t_sum = self._replay_ms(first[0], b)
+            view.compiled_attention = "kernel"
+            other = self._graph_capture(self._step_fn(), tok.clone(), pos.clone())
+            t_kernel = self._replay_ms(other[0], b)
+        except Exception as exc:  # noqa: BLE001 - the measured form stays
+            logger.debug("fastlm engine: decode-attention kernel not captured for bucket %d (%s)", b,
+                         _first_line(exc))
+            view.compiled_attention = "sum"
+            return first
+        choice = "kernel" if t_kernel < t_sum else "sum"
+        logger.debug("fastlm engine: bucket %d attention %s (%.3f ms vs %.3f ms)", b, choice,
+                     min(t_kernel, t_sum), max(t_kernel, t_sum))
+        view.compiled_attention = self._attention[b] = choice
+        return other if choice == "kernel" else first
+
+    def _replay_ms(self, graph, b: int, reps: int = 10) -> float:
+        """Median-free quick timing of a captured step (it writes position 0 of slots 0..b-1: kept)."""
+        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
+        try:
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps
+        finally:
+            for t, kept in zip(self.cache.k + self.cache.v, saved):
+                t[:b, :, 0] = kept
 
     def _graph_capture(self, fn, tok, pos):
         b = tok.shape[0]

@@ -125,3 +125,26 @@ def test_compiled_step_with_the_attention_kernel_op_equals_the_eager_step(tiny_m
             steps.append(eng.decode(first.argmax(-1), torch.tensor([len(p) for p in prompts])))
     torch._dynamo.reset()
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_ms, expected", [(0.5, "kernel"), (2.0, "sum"), (None, "sum")])
+def test_each_bucket_keeps_the_faster_compiled_attention(tiny_model_factory, loaded, monkeypatch, kernel_ms,
+                                                         expected):
+    """On a GPU each bucket is captured with the measured products-and-sums attention and again with the Triton op;
+    the faster replay is kept, and a failed second capture keeps the first (CPU here: captures and timings stubbed)."""
+    model, _ = loaded(tiny_model_factory("llama"))
+    eng = Engine(model, max_slots=2, max_len=32, fuse=True, compile=True, cuda_graphs=False)
+    first = ("graph-sum", None, None, None)
+
+    def capture(fn, tok, pos):
+        if kernel_ms is None:
+            raise RuntimeError("capture failed")
+        assert eng.view.compiled_attention == "kernel"  # the second capture is made with the kernel op
+        return ("graph-kernel", tok, pos, None)
+
+    monkeypatch.setattr(eng, "_graph_capture", capture)
+    monkeypatch.setattr(eng, "_replay_ms", lambda graph, b: 1.0 if graph == "graph-sum" else kernel_ms)
+    eng.view.compiled_attention = "sum"
+    kept = eng._pick_attention(2, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), first)
+    assert kept[0] == f"graph-{expected}"
+    assert eng._attention[2] == expected and eng.view.compiled_attention == expected
