@@ -12,7 +12,9 @@ final logit soft-cap), so gradient accumulation stays exact.
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -137,4 +139,17 @@ def install_fused_loss(model, arch) -> object | None:
     _LAZY_CLASS = _LAZY_CLASS or _lazy_output_class()
     params = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
     state = FusedLossState(model.forward, params, arch.final_logit_softcap)
-    return bind_forward(model, fused_loss_forward, _SLOT, state)
+    return bind_forward(model, _forward_for(type(model)), _SLOT, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_for(cls):
+    """`fused_loss_forward` as a function of its own whose signature is `cls.forward`'s: Trainer keeps only the
+    dataset columns `inspect.signature(model.forward)` names (remove_unused_columns) and checks it for loss
+    kwargs, so the patched forward must show the class's parameters, not (*args, **kwargs). One per class, no
+    closure: a deep copy of the model still rebinds it to the copy."""
+    fn = types.FunctionType(fused_loss_forward.__code__, fused_loss_forward.__globals__, "forward",
+                            fused_loss_forward.__defaults__, fused_loss_forward.__closure__)
+    fn.__doc__, fn.__qualname__ = fused_loss_forward.__doc__, f"{cls.__name__}.forward (fastlm fused loss)"
+    fn.__signature__ = inspect.signature(cls.forward)
+    return fn
