@@ -53,12 +53,12 @@ def _loss_and_grads(model, ids):
 
 
 def _perturb(model, patterns):
-    """Add noise, in place, to the first parameter whose name contains each pattern."""
+    """Add noise, in place, to the first parameter whose name contains all the parts of each pattern."""
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for pattern in patterns:
-            name = next(n for n in params if pattern in n)
+        for parts in patterns:
+            name = next(n for n in params if all(part in n for part in parts))
             params[name].add_(0.5 * torch.randn(params[name].shape, generator=gen))
 
 
@@ -73,17 +73,20 @@ def _overrides(model):
                   if key == "forward" or key.startswith("_fastlm_"))
 
 
-_CHANGES = {
-    True: ["layers.0.self_attn.q_proj.lora_B", "layers.1.mlp.up_proj.lora_B", "layers.1.mlp.down_proj.base_layer",
-           "layers.0.input_layernorm", "model.norm", "lm_head", "embed_tokens"],
-    False: ["layers.0.self_attn.q_proj", "layers.1.mlp.gate_proj", "layers.0.post_attention_layernorm",
-            "model.norm", "lm_head", "embed_tokens"],
+_CHANGES = {  # one LoRA B and one base weight of attention and MLP, norms, lm_head (fused loss), the embedding
+    True: [("layers.0.self_attn", "lora_B"), ("layers.1.mlp", "lora_B"), ("layers.1.mlp.down_proj", "base_layer"),
+           ("layers.0.self_attn", "base_layer"), ("layers.0.input_layernorm",), ("model.norm",), ("lm_head",),
+           ("embed_tokens",)],
+    False: [("layers.0.self_attn",), ("layers.1.mlp",), ("layers.0.post_attention_layernorm",), ("model.norm",),
+            ("lm_head",), ("embed_tokens",)],
 }
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full_finetuning"])
-def test_deep_copy_computes_trains_and_unpatches_on_its_own(tiny_llama_dir, lora):
-    model = _load(tiny_llama_dir, lora)
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: fused qkv_proj and gate_up_proj
+def test_deep_copy_computes_trains_and_unpatches_on_its_own(tiny_model_factory, family, lora):
+    path = tiny_model_factory(family)
+    model = _load(path, lora)
     names = patch.patch_set(model).names
     assert {"fast_norms", "fast_attention", "fused_loss", "tiled_mlp", "offload_embedding",
             "fast_lora" if lora else "fast_mlp"} <= set(names)
@@ -97,7 +100,7 @@ def test_deep_copy_computes_trains_and_unpatches_on_its_own(tiny_llama_dir, lora
     assert patch.patch_set(twin) is not patch.patch_set(model) and patch.patch_set(twin).names == names
     assert patch.apply(twin) is patch.patch_set(twin) and patch.patch_set(twin).names == names  # no-op twice
     _perturb(twin, _CHANGES[lora])
-    plain = _plain_like(tiny_llama_dir, twin)
+    plain = _plain_like(path, twin)
 
     # the copy's logits and loss follow its own weights, the original's stay
     got = _logits(twin, ids)
@@ -135,4 +138,4 @@ def test_deep_copy_computes_trains_and_unpatches_on_its_own(tiny_llama_dir, lora
     assert torch.equal(_logits(model, ids), before)
     patch.remove(model)  # and the original's own undo still restores the original
     assert _overrides(model) == left
-    assert torch.equal(_logits(model, ids), _logits(_plain_like(tiny_llama_dir, model), ids))
+    assert torch.equal(_logits(model, ids), _logits(_plain_like(path, model), ids))
