@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..arch import get_path
+from ..kernels.rope import apply_rope
 from .patchset import bind_forward, chain
 
 _SLOT = "_fastlm_attention"
@@ -101,8 +102,6 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     """The forward of transformers' decoder attention modules, bound to the attention module. Packed rows
     (padding-free batches) attend within each sequence through `packed_attention` when the layer has no sliding
     window, no soft-cap and no attention dropout; everything else goes through transformers' attention function."""
-    from ..kernels.rope import apply_rope
-
     state = getattr(self, _SLOT)
     if past_key_values is not None or position_embeddings is None:
         return state.inner(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
