@@ -12,6 +12,7 @@ from __future__ import annotations
 import types
 
 from .engine import drop_engine
+from .generate import engine_generate
 from .train_generate import (generate_targets, install_training_generate, is_training_generate,
                              positional_to_kwargs, put_back_generate, release_training_engine)
 
@@ -26,25 +27,32 @@ def attach_inference_methods(model) -> None:
         install_training_generate(model)  # disable_fast_generate
 
 
-def enable_fast_generate(model):
-    from .generate import engine_generate
+def _previous_generate(target):
+    """The generate `target` had before `enable_fast_generate`, bound to `target` (read at call time from the
+    instance, so that a deep copy of the model calls its own)."""
+    had, own = target.__dict__[_ORIGINAL]
+    return own if had else types.MethodType(type(target).generate, target)
 
+
+def engine_backed_generate(self, inputs=None, *args, **kwargs):
+    original = _previous_generate(self)
+    if self.training and is_training_generate(original):  # a trainer's step: weights change between calls
+        return original(inputs, *args, **kwargs)
+    return engine_generate(self, original, inputs, **positional_to_kwargs(args, kwargs))
+
+
+engine_backed_generate.__doc__ = engine_generate.__doc__
+
+
+def enable_fast_generate(model):
     drop_engine(model)  # weights may have changed since the last engine was built
     release_training_engine(model)  # training is over: its engine's cache is not needed
     for target in generate_targets(model):
         if _ORIGINAL in target.__dict__:
             continue
-        had = "generate" in target.__dict__
-        target.__dict__[_ORIGINAL] = (had, target.__dict__.get("generate"))
-        original = target.generate
-
-        def generate(self, inputs=None, *args, _original=original, **kwargs):
-            if self.training and is_training_generate(_original):  # a trainer's step: weights change between calls
-                return _original(inputs, *args, **kwargs)
-            return engine_generate(self, _original, inputs, **positional_to_kwargs(args, kwargs))
-
-        generate.__doc__ = engine_generate.__doc__
-        object.__setattr__(target, "generate", types.MethodType(generate, target))
+        target.__dict__[_ORIGINAL] = ("generate" in target.__dict__, target.__dict__.get("generate"))
+        # bound to the instance, everything read from it: copy.deepcopy rebinds it to the copy
+        object.__setattr__(target, "generate", types.MethodType(engine_backed_generate, target))
     return model
 
 

@@ -5,9 +5,14 @@ soft-cap). With a KV cache (generation) the original forward runs, so caching be
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..arch import get_path
-from .patchset import chain, replace_attr
+from ..kernels.rope import apply_rope
+from .patchset import bind_forward, chain
+
+_SLOT = "_fastlm_attention"
 
 
 def _attention_function(attn):
@@ -67,7 +72,8 @@ def _split_fused_qkv(qkv, arch):
     return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
 
 
-def _plain_qkv(attn, x, arch):
+def _plain_qkv(attn, x):
+    arch = getattr(attn, _SLOT).arch
     if arch.fused_qkv:
         return _split_fused_qkv(getattr(attn, arch.fused_qkv)(x), arch)
     return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -77,59 +83,67 @@ def _plain_o(attn, x):
     return attn.o_proj(x)
 
 
-def make_attention_forward(attn, arch, layer_idx: int, project_qkv=None, project_o=None, segments=None):
-    """A forward with the signature of transformers' decoder attention modules. Packed rows (padding-free
-    batches) attend within each sequence through `packed_attention` when the layer has no sliding window, no
-    soft-cap and no attention dropout; everything else goes through transformers' attention function."""
-    from ..kernels.rope import apply_rope
+@dataclass
+class AttentionState:
+    """A fast attention forward's settings: the forward it replaces (bound to the attention module), the
+    resolved ArchConfig, the layer's sliding window, the packed-row boundaries shared by all layers, and
+    `projections`: (project_qkv(attn, x) -> (q, k, v), project_o(attn, x)) such as fused LoRA's, or None for the
+    module's own projections."""
 
-    original = attn.forward
-    project_qkv = project_qkv or (lambda x: _plain_qkv(attn, x, arch))
-    project_o = project_o or (lambda x: _plain_o(attn, x))
-    head_dim = arch.head_dim
-    window = arch.sliding_window[layer_idx]
+    inner: Callable
+    arch: Any
+    window: int | None
+    segments: PackedSegments
+    projections: tuple[Callable, Callable] | None = None
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                      **kwargs):
+    """The forward of transformers' decoder attention modules, bound to the attention module. Packed rows
+    (padding-free batches) attend within each sequence through `packed_attention` when the layer has no sliding
+    window, no soft-cap and no attention dropout; everything else goes through transformers' attention function."""
+    state = getattr(self, _SLOT)
+    if past_key_values is not None or position_embeddings is None:
+        return state.inner(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                           past_key_values=past_key_values, **kwargs)
+    arch = state.arch
+    project_qkv, project_o = state.projections or (_plain_qkv, _plain_o)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, arch.head_dim)
+    q, k, v = project_qkv(self, hidden_states)
+    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
+    if arch.qk_norm_names:
+        q_norm, k_norm = (getattr(self, n) for n in arch.qk_norm_names)
+        q, k = q_norm(q), k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q, k, cos, sin)
+    can_pack = state.window is None and not arch.attn_logit_softcap and not (self.training and self.attention_dropout)
+    bounds = state.segments.bounds(kwargs.get("position_ids")) if can_pack else None
+    if bounds is not None:
+        out = packed_attention(q, k, v, bounds, arch.attention_scale)
+        return project_o(self, out.reshape(*input_shape, -1).contiguous()), None
     extra = {"softcap": arch.attn_logit_softcap} if arch.attn_logit_softcap else {}
-    q_norm, k_norm = (getattr(attn, n) for n in arch.qk_norm_names) if arch.qk_norm_names else (None, None)
-    segments = segments or PackedSegments()
-    can_pack = window is None and not arch.attn_logit_softcap
-
-    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None or position_embeddings is None:
-            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                            past_key_values=past_key_values, **kwargs)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, head_dim)
-        q, k, v = project_qkv(hidden_states)
-        q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin)
-        bounds = segments.bounds(kwargs.get("position_ids")) if can_pack and not (
-            attn.training and attn.attention_dropout) else None
-        if bounds is not None:
-            out = packed_attention(q, k, v, bounds, arch.attention_scale)
-            return project_o(out.reshape(*input_shape, -1).contiguous()), None
-        out, weights = _attention_function(attn)(
-            attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
-            scaling=arch.attention_scale, sliding_window=window, **extra, **kwargs)
-        out = out.reshape(*input_shape, -1).contiguous()
-        return project_o(out), weights
-
-    return forward
+    out, weights = _attention_function(self)(
+        self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+        scaling=arch.attention_scale, sliding_window=state.window, **extra, **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return project_o(self, out), weights
 
 
-def install_fast_attention(model, arch, fused_lora=None):
-    """Install on every decoder layer's attention. `fused_lora(attn)` may return (project_qkv, project_o) for
-    LoRA layers it can fuse, or None. Returns the undo, or None without an ArchConfig."""
+def install_fast_attention(model, arch, projections=None):
+    """Install on every decoder layer's attention. `projections`: (project_qkv(attn, x), project_o(attn, x)) to
+    use instead of the module's q/k/v and o projections (fused LoRA's `lora_qkv` / `lora_o`), or None. Returns
+    the undo, or None without an ArchConfig."""
     if arch is None:
         return None
+    if projections is not None and (len(projections) != 2 or not all(callable(p) for p in projections)):
+        raise TypeError(f"projections={projections!r}: a pair (project_qkv(attn, x), project_o(attn, x)) or None")
     undos = []
     segments = PackedSegments()
     for idx, layer in enumerate(get_path(model, arch.layers_path)):
         attn = getattr(layer, arch.attention_name)
-        project_qkv, project_o = (fused_lora(attn) if fused_lora is not None else None) or (None, None)
-        forward = make_attention_forward(attn, arch, idx, project_qkv, project_o, segments)
-        undos.append(replace_attr(attn, "forward", forward))
+        state = AttentionState(attn.forward, arch, arch.sliding_window[idx], segments,
+                               None if projections is None else tuple(projections))
+        undos.append(bind_forward(attn, attention_forward, _SLOT, state))
     return chain(undos)

@@ -20,12 +20,15 @@ directly instead of dequantizing it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..kernels.lora import Adapter, BaseWeight, fused_lora_linear, fused_lora_mlp, fused_lora_qkv
 from ..kernels.lora_reference import activation_reference
+from .patchset import bind_forward, is_bound_forward
 
 logger = logging.getLogger(__name__)
 
@@ -176,68 +179,67 @@ def lora_linear(layer, x: torch.Tensor, notices: Notices = _GLOBAL_NOTICES, wher
 
 
 # ------------------------------------------------------------------------------------------- installation
-class _Swap:
-    """One swapped forward. The closure delegates to the original once undone, so a wrapper installed on top of
-    it later (e.g. tiled MLP) still computes the original function."""
+_SLOT = "_fastlm_lora_forward"
 
-    def __init__(self, module, make_forward):
-        self.module = module
-        self.active = True
-        self.had_own = "forward" in module.__dict__
-        self.previous = module.__dict__.get("forward")
-        original = module.forward
-        fused = make_forward(original)
 
-        def forward(*args, **kwargs):
-            return fused(*args, **kwargs) if self.active else original(*args, **kwargs)
+@dataclass
+class SwapState:
+    """One swapped forward's state on its module: the forward it replaced (bound to the module), the MLP kind
+    (silu / gelu / gelu_tanh / phi3; None for a single linear), and where fallbacks are told. Once undone
+    (`active` False) the swapped forward delegates to the replaced one, so a wrapper installed on top of it later
+    (e.g. tiled MLP) still computes the original function."""
 
-        self.forward = forward
-        module.forward = forward
+    inner: Callable
+    kind: str | None
+    notices: Notices
+    where: str
+    active: bool = True
+
+
+def fused_linear_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA linear's forward, bound to the layer: LoRALinearFunction while autograd records."""
+    state = getattr(self, _SLOT)
+    if not state.active or args or kwargs or not torch.is_grad_enabled():
+        return state.inner(x, *args, **kwargs)
+    parts = lora_parts(self)
+    if isinstance(parts, str):
+        state.notices.fallback(state.where, parts)
+        return state.inner(x)
+    return fused_lora_linear(x, *parts)
+
+
+def fused_mlp_forward(self, x, *args, **kwargs):
+    """A gated MLP's forward whose projections are all LoRA linears, bound to the MLP: LoRAMLPFunction (Phi-3:
+    the fused gate_up projection split, activated, projected down) while autograd records."""
+    state = getattr(self, _SLOT)
+    if not state.active or args or kwargs or not torch.is_grad_enabled():
+        return state.inner(x, *args, **kwargs)
+    if state.kind == "phi3":
+        parts = _parts_or_reason((self.gate_up_proj, self.down_proj))
+        if isinstance(parts, str):
+            state.notices.fallback(state.where, parts)
+            return state.inner(x)
+        gate, up = fused_lora_linear(x, *parts[0]).chunk(2, dim=-1)
+        return fused_lora_linear(up * self.activation_fn(gate), *parts[1])
+    parts = _parts_or_reason((self.gate_proj, self.up_proj, self.down_proj))
+    if isinstance(parts, str):
+        state.notices.fallback(state.where, parts)
+        return state.inner(x)
+    return fused_lora_mlp(x, *(p[0] for p in parts), tuple(p[1] for p in parts), state.kind)
+
+
+class Swap:
+    """Installs one fused forward (bound to the module, state in `module._fastlm_lora_forward`) and undoes it:
+    the plain forward comes back when ours is still on top; under someone else's wrapper ours stays, inactive."""
+
+    def __init__(self, module, forward, state: SwapState):
+        self.module, self.forward, self.state = module, forward, state
+        self.restore = bind_forward(module, forward, _SLOT, state)
 
     def undo(self) -> None:
-        self.active = False
-        if self.module.__dict__.get("forward") is self.forward:
-            if self.had_own:
-                self.module.forward = self.previous
-            else:
-                del self.module.forward
-
-
-def _linear_forward(layer, notices, where):
-    def make(original):
-        def forward(x, *args, **kwargs):
-            if args or kwargs or not torch.is_grad_enabled():
-                return original(x, *args, **kwargs)
-            parts = lora_parts(layer)
-            if isinstance(parts, str):
-                notices.fallback(where, parts)
-                return original(x)
-            return fused_lora_linear(x, *parts)
-        return forward
-    return make
-
-
-def _mlp_forward(mlp, kind, notices, where):
-    phi3 = hasattr(mlp, "gate_up_proj")
-
-    def make(original):
-        def forward(x, *args, **kwargs):
-            if args or kwargs or not torch.is_grad_enabled():
-                return original(x, *args, **kwargs)
-            if phi3:  # fused gate_up projection: split, activate, project down
-                parts = _parts_or_reason((mlp.gate_up_proj, mlp.down_proj))
-                if isinstance(parts, str):
-                    notices.fallback(where, parts)
-                    return original(x)
-                gate, up = fused_lora_linear(x, *parts[0]).chunk(2, dim=-1)
-                return fused_lora_linear(up * mlp.activation_fn(gate), *parts[1])
-            parts = _parts_or_reason((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-            if isinstance(parts, str):
-                notices.fallback(where, parts)
-                return original(x)
-            return fused_lora_mlp(x, *(p[0] for p in parts), tuple(p[1] for p in parts), kind)
-        return forward
-    return make
+        self.state.active = False
+        if is_bound_forward(self.module, self.forward):
+            self.restore()
 
 
 def _mlp_kind(module) -> str | None:
@@ -262,7 +264,7 @@ def install_fast_lora(model, linears: bool = True):
     if installed is not None:  # installing twice would wrap the fused forwards in themselves
         return installed
     notices = Notices()
-    swaps: list[_Swap] = []
+    swaps: list[Swap] = []
     in_mlp: set[int] = set()
     mlp_count = 0
     for name, module in model.named_modules():
@@ -277,15 +279,18 @@ def install_fast_lora(model, linears: bool = True):
         lora_children = [getattr(module, n) for n in (_PHI3_MLP_NAMES if kind == "phi3" else _MLP_NAMES)]
         if not all(_is_lora_linear(c) for c in lora_children):
             continue  # LoRA on some of its projections only: those are fused one by one below
-        swaps.append(_Swap(module, _mlp_forward(module, kind, notices, f"{type(module).__name__} MLPs")))
+        if _SLOT in module.__dict__:
+            continue  # an undone fused forward still under another wrapper: it runs PEFT's forward
+        where = f"{type(module).__name__} MLPs"
+        swaps.append(Swap(module, fused_mlp_forward, SwapState(module.forward, kind, notices, where)))
         in_mlp.update(id(c) for c in lora_children)
         mlp_count += 1
     lin_count = 0
     if linears:
         for name, module in model.named_modules():
-            if _is_lora_linear(module) and id(module) not in in_mlp:
-                leaf = name.rsplit(".", 1)[-1]
-                swaps.append(_Swap(module, _linear_forward(module, notices, f"LoRA layers {leaf}")))
+            if _is_lora_linear(module) and id(module) not in in_mlp and _SLOT not in module.__dict__:
+                where = f"LoRA layers {name.rsplit('.', 1)[-1]}"
+                swaps.append(Swap(module, fused_linear_forward, SwapState(module.forward, None, notices, where)))
                 lin_count += 1
     # say at once why the LoRA layers that cannot be fused fall back (run-time reasons are said when they occur)
     for name, module in model.named_modules():
@@ -295,15 +300,24 @@ def install_fast_lora(model, linears: bool = True):
                 notices.fallback(f"LoRA layers {name.rsplit('.', 1)[-1]}", parts)
     logger.debug("fastlm: fused LoRA on %d MLPs and %d other LoRA linears", mlp_count, lin_count)
 
-    def undo() -> None:
-        for swap in reversed(swaps):
+    undo = FastLoRA(model, swaps, mlp_count, lin_count, notices)
+    model._fastlm_fast_lora_undo = undo
+    return undo
+
+
+class FastLoRA:
+    """The undo of `install_fast_lora` (call it), with what was installed: `mlp_count`, `linear_count` and the
+    `notices` given. A plain object holding the model and its swaps, so a deep copy of the model gets its own."""
+
+    def __init__(self, model, swaps: list[Swap], mlp_count: int, linear_count: int, notices: Notices):
+        self.model, self.swaps, self.notices = model, swaps, notices
+        self.mlp_count, self.linear_count = mlp_count, linear_count
+
+    def __call__(self) -> None:
+        for swap in reversed(self.swaps):
             swap.undo()
-        for module in model.modules():
+        for module in self.model.modules():
             if "_fastlm_lora_notices" in module.__dict__:
                 del module._fastlm_lora_notices
-        swaps.clear()
-        model.__dict__.pop("_fastlm_fast_lora_undo", None)
-
-    model._fastlm_fast_lora_undo = undo
-    undo.mlp_count, undo.linear_count, undo.notices = mlp_count, lin_count, notices
-    return undo
+        self.swaps.clear()
+        self.model.__dict__.pop("_fastlm_fast_lora_undo", None)

@@ -12,14 +12,18 @@ kernel call dispatches to the torch reference (kernels/_triton.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..arch import get_path
 from ..kernels.activations import geglu, swiglu
-from .patchset import chain, replace_attr
+from .patchset import bind_forward, chain
 
 _GELU = {"gelu": "none", "gelu_tanh": "tanh"}
+_SLOT = "_fastlm_gated_mlp"
 
 
 def gated(g: torch.Tensor, u: torch.Tensor, activation: str, inplace_backward: bool) -> torch.Tensor:
@@ -37,23 +41,29 @@ def _owns_output(linear) -> bool:
             and not linear._forward_pre_hooks)
 
 
-def make_mlp_forward(mlp, activation: str, fused_gate_up: str | None):
-    """A forward with the signature of transformers' gated MLPs (one hidden_states argument)."""
-    original = mlp.forward
-    gate_up = getattr(mlp, fused_gate_up) if fused_gate_up else None
+@dataclass
+class GatedMLPState:
+    """A fast MLP forward's settings: the forward it replaces (bound to the MLP), the activation name, and the
+    name of Phi-3's fused gate_up projection (None for separate gate_proj / up_proj)."""
 
-    def forward(x, *args, **kwargs):
-        if args or kwargs or not torch.is_grad_enabled():
-            return original(x, *args, **kwargs)
-        if gate_up is not None:
-            g, u = gate_up(x).chunk(2, dim=-1)
-            inplace = _owns_output(gate_up)
-        else:
-            g, u = mlp.gate_proj(x), mlp.up_proj(x)
-            inplace = _owns_output(mlp.gate_proj) and _owns_output(mlp.up_proj)
-        return mlp.down_proj(gated(g, u, activation, inplace))
+    inner: Callable
+    activation: str
+    fused_gate_up: str | None
 
-    return forward
+
+def gated_mlp_forward(self, x, *args, **kwargs):
+    """The forward of transformers' gated MLPs (one hidden_states argument), bound to the MLP module."""
+    state = getattr(self, _SLOT)
+    if args or kwargs or not torch.is_grad_enabled():
+        return state.inner(x, *args, **kwargs)
+    if state.fused_gate_up is not None:
+        gate_up = getattr(self, state.fused_gate_up)
+        g, u = gate_up(x).chunk(2, dim=-1)
+        inplace = _owns_output(gate_up)
+    else:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        inplace = _owns_output(self.gate_proj) and _owns_output(self.up_proj)
+    return self.down_proj(gated(g, u, state.activation, inplace))
 
 
 def _has_projections(mlp, fused_gate_up: str | None) -> bool:
@@ -71,5 +81,6 @@ def install_fast_mlp(model, arch):
         mlp = getattr(layer, arch.mlp_name)
         if "forward" in mlp.__dict__ or not _has_projections(mlp, arch.fused_gate_up):
             continue
-        undos.append(replace_attr(mlp, "forward", make_mlp_forward(mlp, arch.activation, arch.fused_gate_up)))
+        state = GatedMLPState(mlp.forward, arch.activation, arch.fused_gate_up)
+        undos.append(bind_forward(mlp, gated_mlp_forward, _SLOT, state))
     return chain(undos)

@@ -2,8 +2,25 @@
 The kernel takes the resolved eps, offset (Gemma's 1 + w) and casting mode as plain values."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..arch import get_path
-from .patchset import chain, replace_attr
+from ..kernels.rms_norm import rms_norm
+from .patchset import bind_forward, chain
+
+_SLOT = "_fastlm_norm"
+
+
+class NormSettings(NamedTuple):
+    eps: float
+    offset: float
+    cast: str
+
+
+def norm_forward(self, x):
+    """RMSNorm forward bound to the norm module: (..., hidden) -> (..., hidden), with the module's own weight."""
+    eps, offset, cast = getattr(self, _SLOT)
+    return rms_norm(x, self.weight, eps, offset, cast)
 
 
 def norm_modules(model, arch) -> list:
@@ -22,11 +39,5 @@ def install_fast_norms(model, arch):
     """Returns the undo, or None without an ArchConfig."""
     if arch is None:
         return None
-    from ..kernels.rms_norm import rms_norm
-
-    eps, offset, cast = arch.norm_eps, arch.norm_offset, arch.norm_cast
-    undos = []
-    for norm in norm_modules(model, arch):
-        forward = (lambda m: (lambda x: rms_norm(x, m.weight, eps, offset, cast)))(norm)
-        undos.append(replace_attr(norm, "forward", forward))
-    return chain(undos)
+    settings = NormSettings(arch.norm_eps, arch.norm_offset, arch.norm_cast)
+    return chain([bind_forward(norm, norm_forward, _SLOT, settings) for norm in norm_modules(model, arch)])

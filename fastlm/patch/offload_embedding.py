@@ -2,6 +2,8 @@
 memory. Token ids go to the CPU for the lookup and the (small) activations come back to the GPU."""
 from __future__ import annotations
 
+import functools
+
 from ..errors import ConfigError, Problem
 
 
@@ -15,18 +17,27 @@ def offload_embedding(model):
             "remove offload_embedding for models with tie_word_embeddings=True")])
     device = embed.weight.device
     embed.to("cpu")
+    handles = [embed.register_forward_pre_hook(_inputs_to_cpu),
+               embed.register_forward_hook(functools.partial(_output_to, device))]
+    return PutBack(embed, handles, device)
 
-    def to_cpu(module, args):
-        return tuple(a.to("cpu") if hasattr(a, "to") else a for a in args)
 
-    def to_gpu(module, args, output):
-        return output.to(device, non_blocking=True)
+def _inputs_to_cpu(module, args):
+    return tuple(a.to("cpu") if hasattr(a, "to") else a for a in args)
 
-    handles = [embed.register_forward_pre_hook(to_cpu), embed.register_forward_hook(to_gpu)]
 
-    def undo() -> None:
-        for handle in handles:
+def _output_to(device, module, args, output):
+    return output.to(device, non_blocking=True)
+
+
+class PutBack:
+    """The undo: hooks removed, table moved back. It holds the embedding and the hook handles as attributes, so a
+    deep copy of the model gets an undo of its own embedding (the handles follow the copied hook dicts)."""
+
+    def __init__(self, embed, handles, device):
+        self.embed, self.handles, self.device = embed, handles, device
+
+    def __call__(self) -> None:
+        for handle in self.handles:
             handle.remove()
-        embed.to(device)
-
-    return undo
+        self.embed.to(self.device)

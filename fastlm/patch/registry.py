@@ -62,14 +62,12 @@ def _fast_attention(model, arch, options: PatchOptions):
         return None
     from .attention import install_fast_attention
 
-    fused = None
+    projections = None
     if _has_lora(model):
         from .fast_lora import lora_o, lora_qkv
 
-        def fused(attn):
-            return (lambda x: lora_qkv(attn, x)), (lambda x: lora_o(attn, x))
-
-    return install_fast_attention(base_model_of(model), arch, fused)
+        projections = (lora_qkv, lora_o)  # functions of (attn, x): nothing of this instance kept in a closure
+    return install_fast_attention(base_model_of(model), arch, projections)
 
 
 def _fused_loss(model, arch, options: PatchOptions):
