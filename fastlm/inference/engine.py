@@ -84,6 +84,11 @@ class Engine:
         self._compiled = None
         self.warmup_seconds = 0.0
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the model gets no engine (its fused copies, cache and CUDA graphs belong to the original);
+        `get_engine` builds one for the copy when it first generates."""
+        return None
+
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

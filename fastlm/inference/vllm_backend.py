@@ -25,6 +25,11 @@ def vllm_available() -> bool:
 
 
 class VLLMBackend:
+    def __deepcopy__(self, memo):
+        """A deep copy of the model gets no vLLM engine (one process-wide GPU engine cannot be copied, and sharing it
+        would serve the original's weights): fast_generate on the copy runs fastlm's built-in engine on the copy."""
+        return None
+
     def __init__(self, model_dir: str, max_seq_length: int, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
                  max_lora_rank: int = 64, float8_kv_cache: bool = False, disable_log_stats: bool = True,
                  quantization: str | None = None, seed: int = 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patchset import chain, replace_attr
+from .patchset import bind_forward, chain
 
 
 class FP8FrozenLinearFunction(torch.autograd.Function):
@@ -39,7 +39,10 @@ def install_fp8_backward(model):
     for module in model.modules():
         if isinstance(module, nn.Linear) and _is_fp8_weight(module.weight) and \
                 "_fastlm_fp8_forward" not in module.__dict__:
-            undos.append(replace_attr(module, "_fastlm_fp8_forward", module.forward))
-            undos.append(replace_attr(module, "forward",
-                                      (lambda mod: (lambda x: FP8FrozenLinearFunction.apply(x, mod)))(module)))
+            undos.append(bind_forward(module, _fp8_frozen_forward, "_fastlm_fp8_forward", module.forward))
     return chain(undos)
+
+
+def _fp8_frozen_forward(self, x):
+    """The patched forward, bound to the linear itself (a deep copy of the model computes with its own weights)."""
+    return FP8FrozenLinearFunction.apply(x, self)

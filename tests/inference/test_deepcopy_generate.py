@@ -40,3 +40,21 @@ def test_generate_on_a_deep_copy_runs_the_copys_weights(tiny_llama_dir):
     assert torch.equal(twin.generate(ids, **greedy), expected)
     twin.eval()
     assert torch.equal(model.generate(ids, **greedy), before)
+
+
+def test_a_deep_copy_gets_no_engine_of_the_original(tiny_model_factory):
+    """The engine (fused copies, KV cache, CUDA graphs on a GPU) is not copied with the model: the copy builds its
+    own on first use, and the original keeps its engine."""
+    import copy
+
+    from fastlm import FastLanguageModel
+    from fastlm.inference.engine import get_engine
+    from fastlm.state import base_model_of
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_factory("llama")), max_seq_length=64,
+                                                   load_in_16bit=True)
+    engine = get_engine(model, 1, 64)
+    clone = copy.deepcopy(model)
+    assert base_model_of(clone).__dict__.get("_fastlm_engine") is None
+    assert base_model_of(model).__dict__["_fastlm_engine"] is engine
+    assert get_engine(clone, 1, 64) is not engine and get_engine(clone, 1, 64).base is base_model_of(clone)

@@ -33,3 +33,20 @@ def test_fp8_backward_matches_dense_reference():
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert layer.weight.grad is None  # the frozen FP8 weight gets no gradient
+
+
+def test_fp8_backward_in_a_deep_copy_uses_the_copys_weight():
+    import copy
+
+    torch.manual_seed(1)
+    model = nn.Sequential(_FakeFP8Linear(torch.randn(16, 24) * 0.1))
+    undo = install_fp8_backward(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone[0].weight.copy_((torch.randn(16, 24) * 0.1).to(torch.float8_e4m3fn))
+    x = torch.randn(2, 24, requires_grad=True)
+    torch.testing.assert_close(clone(x), x @ clone[0].weight.float().t())
+    torch.testing.assert_close(model(x), x @ model[0].weight.float().t())
+    assert not torch.equal(clone(x), model(x))
+    undo()
+    assert "forward" not in model[0].__dict__ and "forward" in clone[0].__dict__  # the copy keeps its own patch
