@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from ._triton import jit, next_pow2, tl, triton, use_triton
+from ._triton import jit, next_pow2, tl, use_triton
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, scaling: float, softcap: float | None = None,
