@@ -182,14 +182,14 @@ class Projection:
                          self.blocksize, lut=self.lut, config=self.nf4_config).reshape(*x.shape[:-1], self.n)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
-        elif self.a_rows:
-            y = F.linear(x, self.weight, self.bias)
-            y, xa = y[..., :self.n_out], y[..., self.n_out:]
-            y = y + _lora_up(xa.to(self.lora_b.dtype), self.lora_b).to(y.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
-        if self.lora and not self.a_rows:
-            y = y + _lora_up(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b).to(y.dtype)
+        if self.a_rows:  # the last rows of the GEMV are x A^T
+            y, xa = y[..., :self.n_out], y[..., self.n_out:]
+        elif self.lora:
+            xa = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+        if self.lora:
+            y = y + _lora_up(xa.to(self.lora_b.dtype), self.lora_b).to(y.dtype)
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
 
 

@@ -12,6 +12,7 @@ fall back to transformers' generate.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -248,9 +249,8 @@ class Engine:
         return other if choice == "kernel" else first
 
     def _replay_ms(self, graph, b: int, reps: int = 10) -> float:
-        """Median-free quick timing of a captured step (it writes position 0 of slots 0..b-1: kept)."""
-        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
-        try:
+        """Quick mean timing of a captured step of bucket b."""
+        with self._keeping_position_zero(b):
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -259,15 +259,20 @@ class Engine:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / reps
+
+    @contextlib.contextmanager
+    def _keeping_position_zero(self, b: int):
+        """Warm-up runs, captures and timing replays write position 0 of slots 0..b-1, which may hold a live
+        sequence: put it back afterwards."""
+        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
+        try:
+            yield
         finally:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
                 t[:b, :, 0] = kept
 
     def _graph_capture(self, fn, tok, pos):
-        b = tok.shape[0]
-        # warm-up and capture write position 0 of slots 0..b-1, which may hold a live sequence: keep it
-        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
-        try:
+        with self._keeping_position_zero(tok.shape[0]):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
@@ -278,9 +283,6 @@ class Engine:
             with torch.cuda.graph(graph), torch.no_grad():
                 out = fn(tok, pos)
             torch.cuda.synchronize()
-        finally:
-            for t, kept in zip(self.cache.k + self.cache.v, saved):
-                t[:b, :, 0] = kept
         return graph, tok, pos, out
 
     def warmup(self, buckets: list[int] | None = None) -> float:

@@ -162,7 +162,7 @@ class Sampler:
         self.generators.pop(slot, None)
 
     # ---------------------------------------------------------------- sampling
-    def _flags(self, rows: list[int]):
+    def flags(self, rows: list[int]):
         ps = [self.params[r] for r in rows if r in self.params]
         return dict(sample=any(not p.greedy for p in ps), top_k=any(p.top_k > 1 for p in ps if not p.greedy),
                     top_p=any(p.top_p < 1 for p in ps if not p.greedy),
@@ -177,7 +177,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_ids: list[int], n_gen: torch.Tensor):
         """logits [B, V] float32 for slot indices `rows` (device) / `row_ids` (host); n_gen [B] tokens generated
         so far. Returns (tokens [B], processed logits [B, V] used for the draw)."""
-        flags = self._flags(row_ids)
+        flags = self.flags(row_ids)
         logits = logits[:, :self.vocab] if logits.shape[1] > self.vocab else logits
         if flags["rep"]:
             rep = self.rep[rows][:, None]

@@ -94,22 +94,6 @@ class Scheduler:
         self.pending: collections.deque[Request] = collections.deque()
         self.finished: list[Result] = []
 
-    @property
-    def logp(self):
-        return self.state.logp
-
-    @logp.setter
-    def logp(self, value):
-        self.state.logp = value
-
-    @property
-    def logp_ids(self):
-        return self.state.logp_ids
-
-    @logp_ids.setter
-    def logp_ids(self, value):
-        self.state.logp_ids = value
-
     # ---------------------------------------------------------------- public
     def add(self, request: Request) -> None:
         if not request.prompt_ids:
@@ -160,10 +144,9 @@ class Scheduler:
         (no CUDA graphs, or a seeded request: its generator draws outside the graph's RNG)."""
         if not self.engine.use_graphs or any(r in self.sampler.generators for r in row_ids):
             return None
-        flags = self.sampler._flags(row_ids)
+        flags = self.sampler.flags(row_ids)
         kmax = self.sampler.top_k_bound(row_ids) if flags["top_k"] else 0
-        sampler = self.sampler
-        return (b, tuple(sorted(flags.items())), kmax, sampler.layout, self.state.logp is None)
+        return (b, tuple(sorted(flags.items())), kmax, self.sampler.layout, self.state.logp is None)
 
     # ---------------------------------------------------------------- internals
     def _admit(self) -> None:
@@ -190,10 +173,10 @@ class Scheduler:
             self.max_new[s] = self.host_max_new[s]
             self.left[s] = max(1, self.host_max_new[s] - 1)
             self.pos[s] = len(r.prompt_ids)
-            if r.params.logprobs is not None and self.logp is None:
+            if r.params.logprobs is not None and self.state.logp is None:
                 k = 1 + max(r.params.logprobs, 20)
-                self.logp = torch.zeros(*self.gen.shape, k, device=dev)
-                self.logp_ids = torch.zeros(*self.gen.shape, k, dtype=torch.long, device=dev)
+                self.state.logp = torch.zeros(*self.gen.shape, k, device=dev)
+                self.state.logp_ids = torch.zeros(*self.gen.shape, k, dtype=torch.long, device=dev)
         slot_t = torch.as_tensor(slots, device=dev)
         self.n_gen[slot_t] = 0
         self.done[slot_t] = False
@@ -204,13 +187,13 @@ class Scheduler:
         tok = torch.where(active, tok, self.cur[rows])
         idx = self.n_gen[rows].clamp(max=self.gen.shape[1] - 1)
         self.gen[rows, idx] = torch.where(active, tok, self.gen[rows, idx])
-        if self.logp is not None:
+        if self.state.logp is not None:
             lp = torch.log_softmax(logits.float(), dim=-1)
-            k = self.logp.shape[2] - 1
+            k = self.state.logp.shape[2] - 1
             top = torch.topk(lp, k, dim=-1)
             chosen = lp.gather(1, tok[:, None])
-            self.logp[rows, idx] = torch.cat([chosen, top.values], 1)
-            self.logp_ids[rows, idx] = torch.cat([tok[:, None], top.indices], 1)
+            self.state.logp[rows, idx] = torch.cat([chosen, top.values], 1)
+            self.state.logp_ids[rows, idx] = torch.cat([tok[:, None], top.indices], 1)
         self.sampler.observe(rows, tok, active)
         self.n_gen[rows] += active.long()
         self.cur[rows] = tok
@@ -266,8 +249,8 @@ class Scheduler:
         return out
 
     def _logprobs(self, slot, n, k):
-        vals = self.logp[slot, :n, :1 + k].tolist()
-        ids = self.logp_ids[slot, :n, :1 + k].tolist()
+        vals = self.state.logp[slot, :n, :1 + k].tolist()
+        ids = self.state.logp_ids[slot, :n, :1 + k].tolist()
         return [dict(zip(i, v)) for i, v in zip(ids, vals)]
 
 
