@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from ._triton import jit, next_pow2, tl, use_triton
+from ._triton import jit, next_pow2, register_opaque_op, tl, use_triton
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, scaling: float, softcap: float | None = None,
@@ -98,24 +98,17 @@ def decode_attention(q, k_cache, v_cache, positions, scaling: float, softcap: fl
                                              int(window or 0))
 
 
-def _define_op() -> None:
-    """Register fastlm::decode_attention once per process (a reloaded module, as the interpreter tests do, reuses
-    it: the op looks the launcher up in this module at call time)."""
-    if hasattr(torch.ops.fastlm, "decode_attention"):
-        return
-
-    @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
-    def _op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, scaling: float,
-            softcap: float, window: int) -> torch.Tensor:
-        return sys.modules[__name__]._launch(q, k_cache, v_cache, positions, scaling, softcap or None, window or None)
-
-    @_op.register_fake
-    def _(q, k_cache, v_cache, positions, scaling, softcap, window):
-        b, h, _, d = q.shape
-        return q.new_empty(b, 1, h * d)
+def _op_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+             scaling: float, softcap: float, window: int) -> torch.Tensor:
+    return sys.modules[__name__]._launch(q, k_cache, v_cache, positions, scaling, softcap or None, window or None)
 
 
-_define_op()
+def _op_fake(q, k_cache, v_cache, positions, scaling, softcap, window):
+    b, h, _, d = q.shape
+    return q.new_empty(b, 1, h * d)
+
+
+register_opaque_op("decode_attention", _op_impl, _op_fake)
 
 
 def _launch(q, k_cache, v_cache, positions, scaling, softcap, window):

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from ._triton import interpreter_on, register_opaque_op
+
 try:
     import triton
     import triton.language as tl
@@ -70,11 +72,9 @@ if triton is not None:
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-
-
 def nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
     """[256] int64: for each packed byte, the float32 bits of its high-nibble value in the low word and of its
-    low-nibble value in the high word, so the v2 kernel decodes two weights with one table load."""
+    low-nibble value in the high word, so the pair-table kernels decode two weights with one table load."""
     c = code.float().cpu()
     bits = c.view(torch.int32).long() & 0xFFFFFFFF
     b = torch.arange(256)
@@ -82,6 +82,17 @@ def nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
+    @triton.jit
+    def _pair_products(q_ptr, lut_ptr, x_ptr, row_bytes, kb, row_ok, m, K):
+        """[rows, bytes]: w_hi * x[2 kb] + w_lo * x[2 kb + 1], both weights of each byte from one table load."""
+        byte = tl.load(q_ptr + row_bytes + kb[None, :], mask=row_ok[:, None], other=0)
+        pair = tl.load(lut_ptr + byte.to(tl.int32))
+        w_hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        x_even = tl.load(x_ptr + m * K + 2 * kb).to(tl.float32)
+        x_odd = tl.load(x_ptr + m * K + 2 * kb + 1).to(tl.float32)
+        return w_hi * x_even[None, :] + w_lo * x_odd[None, :]
+
     @triton.jit
     def _nf4_gemv_v2_kernel(x_ptr, q_ptr, absmax_ptr, lut_ptr, y_ptr, N, K, BLOCKSIZE: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -95,23 +106,16 @@ if triton is not None:
         HB: tl.constexpr = BLOCK_K // 2
         NB: tl.constexpr = BLOCK_K // BLOCKSIZE
         blocks_per_row = K // BLOCKSIZE
+        row_bytes = rows[:, None].to(tl.int64) * half_k
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // 2 + tl.arange(0, HB)
-            byte = tl.load(q_ptr + rows[:, None].to(tl.int64) * half_k + kb[None, :], mask=row_ok[:, None],
-                           other=0)
-            pair = tl.load(lut_ptr + byte.to(tl.int32))
-            w_hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            w_lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            x_even = tl.load(x_ptr + m * K + 2 * kb).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * K + 2 * kb + 1).to(tl.float32)
-            part = w_hi * x_even[None, :] + w_lo * x_odd[None, :]
+            part = _pair_products(q_ptr, lut_ptr, x_ptr, row_bytes, kb, row_ok, m, K)
             part = tl.sum(tl.reshape(part, [BLOCK_N, NB, BLOCKSIZE // 2]), axis=2)
             blk = rows[:, None].to(tl.int64) * blocks_per_row + k0 // BLOCKSIZE + tl.arange(0, NB)[None, :]
             scale = tl.load(absmax_ptr + blk, mask=row_ok[:, None], other=0.0)
             acc += tl.sum(part * scale, axis=1)
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
-
 
 
     @triton.jit
@@ -129,13 +133,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for blk in range(0, blocks_per_row):
             kb = blk * HB + tl.arange(0, HB)
-            byte = tl.load(q_ptr + row_bytes + kb[None, :], mask=row_ok[:, None], other=0)
-            pair = tl.load(lut_ptr + byte.to(tl.int32))
-            w_hi = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            w_lo = ((pair >> 32) & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            x_even = tl.load(x_ptr + m * K + 2 * kb).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * K + 2 * kb + 1).to(tl.float32)
-            part = tl.sum(w_hi * x_even[None, :] + w_lo * x_odd[None, :], axis=1)
+            part = tl.sum(_pair_products(q_ptr, lut_ptr, x_ptr, row_bytes, kb, row_ok, m, K), axis=1)
             scale = tl.load(absmax_ptr + rows.to(tl.int64) * blocks_per_row + blk, mask=row_ok, other=0.0)
             acc += part * scale
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -149,12 +147,6 @@ _V2_CONFIGS = [(1, 1024, 1), (1, 1024, 2), (4, 512, 2), (4, 1024, 1), (8, 256, 1
                # BLOCK_K 0: the one-block-per-step kernel (not measured yet)
                (8, 0, 1), (16, 0, 1), (16, 0, 2), (32, 0, 2), (32, 0, 4), (64, 0, 4)]
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg):
@@ -171,7 +163,7 @@ def _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg):
 def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1) -> tuple[int, int, int]:
     """The fastest (BLOCK_N, BLOCK_K, num_warps) of the pair-table kernel for this shape, timed once on the device
     (a few ms) and remembered; a fixed config under the interpreter. Call it outside torch.compile."""
-    if _interpreting() or torch.device(device).type != "cuda":
+    if interpreter_on() or torch.device(device).type != "cuda":
         return (4, 256, 1) if k % 256 == 0 else (16, 0, 1)
     key = (n, k, blocksize, rows, str(device))
     if key in _TUNED:
@@ -220,12 +212,13 @@ def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, lut: torch
         raise ValueError(f"nf4_gemv needs an even K and blocksize, got K={k}, blocksize={blocksize}")
     x = x.contiguous()
     m = x.shape[0]
-    if (k % 256 == 0 and 256 % blocksize == 0) or (k % blocksize == 0 and blocksize % 32 == 0):
+    tiled = k % 256 == 0 and 256 % blocksize == 0  # any config; else only the one-block-per-step kernel
+    if tiled or (k % blocksize == 0 and blocksize % 32 == 0):
         lut = nf4_pair_table(code) if lut is None else lut
-        if k % 256 == 0 and 256 % blocksize == 0:
+        if tiled:
             config = config or nf4_gemv_config(n, k, blocksize, x.device, m)
-        else:  # the one-block-per-step kernel
-            config = config if config and config[1] == 0 else (16, 0, 1)
+        elif not (config and config[1] == 0):
+            config = (16, 0, 1)
         # an opaque op for torch.compile: the engine's compiled step makes the launch eager mode makes
         return torch.ops.fastlm.nf4_gemv(x, packed.reshape(-1), absmax, lut, n, k, blocksize, *config)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -234,24 +227,17 @@ def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, lut: torch
     return y
 
 
-def _define_op() -> None:
-    """Register fastlm::nf4_gemv once per process (a reloaded module reuses it; the launcher is looked up in this
-    module at call time)."""
-    if hasattr(torch.ops.fastlm, "nf4_gemv"):
-        return
+def _op_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int, k: int,
+             blocksize: int, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    sys.modules[__name__]._launch_v2(x.contiguous(), packed, absmax, lut, y, n, k, blocksize,
+                                     (block_n, block_k, warps))
+    return y
 
-    @torch.library.custom_op("fastlm::nf4_gemv", mutates_args=())
-    def _op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int, k: int,
-            blocksize: int, block_n: int, block_k: int, warps: int) -> torch.Tensor:
-        y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-        sys.modules[__name__]._launch_v2(x.contiguous(), packed, absmax, lut, y, n, k, blocksize,
-                                         (block_n, block_k, warps))
-        return y
 
-    @_op.register_fake
-    def _(x, packed, absmax, lut, n, k, blocksize, block_n, block_k, warps):
-        return x.new_empty(x.shape[0], n)
+def _op_fake(x, packed, absmax, lut, n, k, blocksize, block_n, block_k, warps):
+    return x.new_empty(x.shape[0], n)
 
 
 if triton is not None:
-    _define_op()
+    register_opaque_op("nf4_gemv", _op_impl, _op_fake)
