@@ -41,3 +41,27 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture
 def tiny_llama_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """Counts of fastlm's offloaded checkpoint function and of transformers' plain one, counted at the source:
+    `OffloadedCheckpointFunction.apply` and the `checkpoint` that transformers' enable wraps in a partial."""
+    import transformers.modeling_utils as hf_modeling
+
+    from fastlm.patch.offload_checkpointing import OffloadedCheckpointFunction
+
+    counts = {"offloaded": 0, "plain": 0}
+    apply, plain = OffloadedCheckpointFunction.apply, hf_modeling.checkpoint
+
+    def counting_apply(*args):
+        counts["offloaded"] += 1
+        return apply(*args)
+
+    def counting_plain(*args, **kwargs):
+        counts["plain"] += 1
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(OffloadedCheckpointFunction, "apply", staticmethod(counting_apply))
+    monkeypatch.setattr(hf_modeling, "checkpoint", counting_plain)
+    return counts

@@ -12,35 +12,20 @@ import copy
 
 import pytest
 import torch
-import transformers.modeling_utils as hf_modeling
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastLanguageModel, patch
 from fastlm.patch.checkpointing import is_checkpointing
-from fastlm.patch.offload_checkpointing import (OffloadedCheckpointFunction, install_offloaded_checkpointing,
-                                                is_offloaded_checkpointing)
+from fastlm.patch.offload_checkpointing import install_offloaded_checkpointing, is_offloaded_checkpointing
 
 N_LAYERS = 2  # tests/fixtures/tiny.py
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Counts of the offloaded and the plain checkpoint function, per forward with grad."""
-    counts = {"offloaded": 0, "plain": 0}
-    apply, plain = OffloadedCheckpointFunction.apply, hf_modeling.checkpoint
-
-    def counting_apply(*args):
-        counts["offloaded"] += 1
-        return apply(*args)
-
-    def counting_plain(*args, **kwargs):
-        counts["plain"] += 1
-        return plain(*args, **kwargs)
-
-    monkeypatch.setattr(OffloadedCheckpointFunction, "apply", staticmethod(counting_apply))
-    monkeypatch.setattr(hf_modeling, "checkpoint", counting_plain)  # what transformers' enable wraps in a partial
-    return counts
+def calls(checkpoint_calls):
+    """Counts of the offloaded and the plain checkpoint function, per forward with grad (tests/conftest.py)."""
+    return checkpoint_calls
 
 
 def _fastlm_lora(path, mode="unsloth"):

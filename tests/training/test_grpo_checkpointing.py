@@ -13,7 +13,7 @@ import transformers.modeling_utils as hf_modeling
 from datasets import Dataset
 
 from fastlm import FastLanguageModel
-from fastlm.patch.offload_checkpointing import OffloadedCheckpointFunction, is_offloaded_checkpointing
+from fastlm.patch.offload_checkpointing import is_offloaded_checkpointing
 from fastlm.training.trl_compat import get_trainer_classes
 
 PROMPTS = ["the cat is", "red", "one two three", "what is"]
@@ -24,25 +24,15 @@ def count_e(completions, **kwargs):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_grpo_steps_keep_the_offloaded_checkpointing(tiny_model_factory, tmp_path, monkeypatch):
-    calls = {"offloaded": 0, "plain": 0, "enable": 0, "disable": 0}
-    apply, plain = OffloadedCheckpointFunction.apply, hf_modeling.checkpoint
+def test_grpo_steps_keep_the_offloaded_checkpointing(tiny_model_factory, tmp_path, monkeypatch, checkpoint_calls):
+    calls = checkpoint_calls  # offloaded / plain
+    toggles = {"enable": 0, "disable": 0}
     set_checkpointing = hf_modeling.PreTrainedModel._set_gradient_checkpointing
 
-    def counting_apply(*args):
-        calls["offloaded"] += 1
-        return apply(*args)
-
-    def counting_plain(*args, **kwargs):
-        calls["plain"] += 1
-        return plain(*args, **kwargs)
-
     def counting_set(self, enable=True, **kwargs):  # every transformers enable / disable ends here
-        calls["enable" if enable else "disable"] += 1
+        toggles["enable" if enable else "disable"] += 1
         return set_checkpointing(self, enable, **kwargs)
 
-    monkeypatch.setattr(OffloadedCheckpointFunction, "apply", staticmethod(counting_apply))
-    monkeypatch.setattr(hf_modeling, "checkpoint", counting_plain)
     monkeypatch.setattr(hf_modeling.PreTrainedModel, "_set_gradient_checkpointing", counting_set)
 
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_factory("llama")), max_seq_length=64,
@@ -57,11 +47,12 @@ def test_grpo_steps_keep_the_offloaded_checkpointing(tiny_model_factory, tmp_pat
                               dataloader_num_workers=0, dataloader_pin_memory=False)
     trainer = classes.GRPOTrainer(model=model, args=args, reward_funcs=count_e, processing_class=tok,
                                   train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
-    calls.update(offloaded=0, plain=0, enable=0, disable=0)
+    calls.update(offloaded=0, plain=0)
+    toggles.update(enable=0, disable=0)
     trainer.train()
 
     assert trainer.state.global_step == 2
-    assert calls["disable"] >= 2 and calls["enable"] >= 2  # TRL did toggle around its generation steps
+    assert toggles["disable"] >= 2 and toggles["enable"] >= 2  # TRL did toggle around its generation steps
     n_layers = model.config.num_hidden_layers
     assert calls["plain"] == 0 and calls["offloaded"] >= 2 * n_layers  # every training forward ran offloaded
     assert is_offloaded_checkpointing(model) and model.get_base_model().is_gradient_checkpointing
