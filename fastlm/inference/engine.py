@@ -20,6 +20,7 @@ import torch
 
 from ..arch import lookup
 from ..errors import UnsupportedFeatureError
+from ..kernels._triton import graph_replay_ms
 from ..state import base_model_of
 from .decoder import DecoderView
 from .kv_cache import StaticKVCache
@@ -251,14 +252,7 @@ class Engine:
     def _replay_ms(self, graph, b: int, reps: int = 10) -> float:
         """Quick mean timing of a captured step of bucket b."""
         with self._keeping_position_zero(b):
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / reps
+            return graph_replay_ms(graph, reps)
 
     @contextlib.contextmanager
     def _keeping_position_zero(self, b: int):

@@ -125,3 +125,15 @@ def register_opaque_op(name: str, impl, fake) -> None:
     if hasattr(torch.ops.fastlm, name):
         return
     torch.library.custom_op(f"fastlm::{name}", mutates_args=())(impl).register_fake(fake)
+
+
+def graph_replay_ms(graph, reps: int) -> float:
+    """Mean milliseconds of one replay of a captured CUDA graph (one untimed replay first)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ._triton import interpreter_on, register_opaque_op
+from ._triton import graph_replay_ms, interpreter_on, register_opaque_op
 
 try:
     import triton
@@ -184,14 +184,7 @@ def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1) -> tu
             with torch.cuda.graph(graph):
                 for _ in range(20):
                     _launch_v2(x, packed, absmax, lut, y, n, k, blocksize, cfg)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
+            ms = graph_replay_ms(graph, 3)
         except Exception:  # noqa: BLE001 - a config this device cannot run is skipped
             continue
         if best is None or ms < best[0]:
