@@ -196,8 +196,8 @@ class Engine:
         start = time.perf_counter()
         tok = torch.zeros(b, dtype=torch.long, device=self.device)
         pos = torch.zeros(b, dtype=torch.long, device=self.device)
-        if decoder.COMPILED_DECODE_ATTENTION == "auto":
-            self.view.compiled_attention = "sum"  # each bucket starts from the measured form (_pick_attention)
+        if decoder.COMPILED_DECODE_ATTENTION == "auto" and not self._attention:
+            self.view.compiled_attention = "sum"  # the first bucket starts from products and sums (_pick_attention)
         fn = self._step_fn()
         try:
             out = self._graph_capture(fn, tok, pos)
@@ -225,48 +225,57 @@ class Engine:
         return out
 
     def _pick_attention(self, b: int, tok, pos, first):
-        """With COMPILED_DECODE_ATTENTION = "auto": capture bucket b's step again with the Triton decode-attention
-        op and keep whichever graph replays faster on this device. Any failure keeps the first capture."""
+        """With COMPILED_DECODE_ATTENTION = "auto", at the first captured bucket: capture the step again with the
+        Triton decode-attention op, time both graphs with the query at the middle of the cache (products and sums
+        read the whole cache at every position, the op only the keys up to the query) and keep the faster form for
+        this bucket and every later one, so all batch sizes decode with the same numerics. Any failure keeps the
+        first capture."""
         from . import decoder
 
         view = self.view
-        self._attention[b] = view.compiled_attention
-        if decoder.COMPILED_DECODE_ATTENTION != "auto" or view.compiled_attention != "sum":
+        if decoder.COMPILED_DECODE_ATTENTION != "auto" or self._attention or view.compiled_attention != "sum":
+            self._attention[b] = view.compiled_attention
             return first
+        self._attention[b] = "sum"
         try:
-            t_sum = self._replay_ms(first[0], b)
+            t_sum = self._replay_ms(first, b)
             view.compiled_attention = "kernel"
             other = self._graph_capture(self._step_fn(), tok.clone(), pos.clone())
-            t_kernel = self._replay_ms(other[0], b)
+            t_kernel = self._replay_ms(other, b)
         except Exception as exc:  # noqa: BLE001 - the measured form stays
-            logger.debug("fastlm engine: decode-attention kernel not captured for bucket %d (%s)", b,
-                         _first_line(exc))
+            logger.debug("fastlm engine: decode-attention kernel not captured (%s)", _first_line(exc))
             view.compiled_attention = "sum"
             return first
         choice = "kernel" if t_kernel < t_sum else "sum"
-        logger.debug("fastlm engine: bucket %d attention %s (%.3f ms vs %.3f ms)", b, choice,
-                     min(t_kernel, t_sum), max(t_kernel, t_sum))
+        logger.debug("fastlm engine: decode attention %s (%.3f ms vs %.3f ms at position %d)", choice,
+                     min(t_kernel, t_sum), max(t_kernel, t_sum), self.max_len // 2)
         view.compiled_attention = self._attention[b] = choice
         return other if choice == "kernel" else first
 
-    def _replay_ms(self, graph, b: int, reps: int = 10) -> float:
-        """Quick mean timing of a captured step of bucket b."""
-        with self._keeping_position_zero(b):
-            return graph_replay_ms(graph, reps)
+    def _replay_ms(self, captured, b: int, reps: int = 10) -> float:
+        """Quick mean timing of a captured step (graph, tok, pos, out) of bucket b, its query at mid-cache."""
+        graph, _, pos, _ = captured
+        mid = self.max_len // 2
+        with self._keeping_position(b, mid):
+            pos.fill_(mid)
+            try:
+                return graph_replay_ms(graph, reps)
+            finally:
+                pos.zero_()
 
     @contextlib.contextmanager
-    def _keeping_position_zero(self, b: int):
-        """Warm-up runs, captures and timing replays write position 0 of slots 0..b-1, which may hold a live
+    def _keeping_position(self, b: int, p: int = 0):
+        """Warm-up runs, captures and timing replays write position p of slots 0..b-1, which may hold a live
         sequence: put it back afterwards."""
-        saved = [t[:b, :, 0].clone() for t in self.cache.k + self.cache.v]
+        saved = [t[:b, :, p].clone() for t in self.cache.k + self.cache.v]
         try:
             yield
         finally:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
-                t[:b, :, 0] = kept
+                t[:b, :, p] = kept
 
     def _graph_capture(self, fn, tok, pos):
-        with self._keeping_position_zero(tok.shape[0]):
+        with self._keeping_position(tok.shape[0]):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():

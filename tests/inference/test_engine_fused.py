@@ -128,23 +128,29 @@ def test_compiled_step_with_the_attention_kernel_op_equals_the_eager_step(tiny_m
 
 
 @pytest.mark.parametrize("kernel_ms, expected", [(0.5, "kernel"), (2.0, "sum"), (None, "sum")])
-def test_each_bucket_keeps_the_faster_compiled_attention(tiny_model_factory, loaded, monkeypatch, kernel_ms,
-                                                         expected):
-    """On a GPU each bucket is captured with the measured products-and-sums attention and again with the Triton op;
-    the faster replay is kept, and a failed second capture keeps the first (CPU here: captures and timings stubbed)."""
+def test_the_first_bucket_picks_the_faster_compiled_attention_for_all(tiny_model_factory, loaded, monkeypatch,
+                                                                      kernel_ms, expected):
+    """On a GPU the first bucket is captured with products and sums and again with the Triton op; the faster replay
+    is kept, a failed second capture keeps the first, and later buckets are captured once, with the same form (one
+    numerics for every batch size). CPU here: captures and timings stubbed."""
     model, _ = loaded(tiny_model_factory("llama"))
-    eng = Engine(model, max_slots=2, max_len=32, fuse=True, compile=True, cuda_graphs=False)
-    first = ("graph-sum", None, None, None)
+    eng = Engine(model, max_slots=4, max_len=32, fuse=True, compile=True, cuda_graphs=False)
+    captures = []
 
     def capture(fn, tok, pos):
+        captures.append(eng.view.compiled_attention)
         if kernel_ms is None:
             raise RuntimeError("capture failed")
-        assert eng.view.compiled_attention == "kernel"  # the second capture is made with the kernel op
         return ("graph-kernel", tok, pos, None)
 
     monkeypatch.setattr(eng, "_graph_capture", capture)
-    monkeypatch.setattr(eng, "_replay_ms", lambda graph, b: 1.0 if graph == "graph-sum" else kernel_ms)
+    monkeypatch.setattr(eng, "_replay_ms", lambda captured, b: 1.0 if captured[0] == "graph-sum" else kernel_ms)
     eng.view.compiled_attention = "sum"
-    kept = eng._pick_attention(2, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), first)
+    zeros = torch.zeros(2, dtype=torch.long)
+    kept = eng._pick_attention(2, zeros, zeros, ("graph-sum", None, None, None))
+    assert captures == ["kernel"]  # the second capture is made with the kernel op
     assert kept[0] == f"graph-{expected}"
     assert eng._attention[2] == expected and eng.view.compiled_attention == expected
+    first = (f"graph-{expected}", None, None, None)
+    assert eng._pick_attention(4, zeros, zeros, first) is first and captures == ["kernel"]
+    assert eng._attention[4] == expected
