@@ -64,9 +64,10 @@ def kernel_profile(engine, reps=10, top=12):
 
 
 def nf4_sweep(shapes):
-    import triton.testing as tt
-
+    """Every NF4 GEMV config at each decode shape: the best time per kernel kind (CUDA-graph timing, as the
+    engine's tuner does), its error against the dequantize-then-matmul reference, and its GB/s."""
     from fastlm.kernels import decode_nf4 as d
+    from fastlm.kernels._triton import graph_replay_ms
 
     rows = []
     code = torch.tensor(sorted(torch.randn(16).tolist()), device="cuda")
@@ -76,36 +77,36 @@ def nf4_sweep(shapes):
         absmax = torch.rand(n * k // 64, device="cuda") + 0.1
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         ref = d.nf4_gemv_reference(x, packed, absmax, code, n, k, 64).float()
-        floor_us = (n * k / 2 + n * k / 64 * 4) / 3.0e12 * 1e6
-        res = dict(shape=name, n=n, k=k, floor_us=round(floor_us, 2))
-        res["bf16_cublas_us"] = round(tt.do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=30,
-                                                  return_mode="median") * 1e3, 2)
-        res["v1_us"] = round(tt.do_bench(lambda: d.nf4_gemv(x, packed, absmax, code, n, k, 64), warmup=5,
-                                         rep=30, return_mode="median") * 1e3, 2)
-        best = None
-        for bn in (1, 2, 4, 8, 16):
-            for bk in (256, 512, 1024):
-                if k % bk:
-                    continue
-                for nw in (1, 2, 4, 8):
-                    if bn * bk // 2 < 32 * nw:
-                        continue
-                    try:
-                        got = d.nf4_gemv_v2(x, packed, absmax, lut, n, k, 64, bn, bk, nw).float()
-                        err = ((got - ref).norm() / ref.norm()).item()
-                        if not err < 1e-2:
-                            continue
-                        us = tt.do_bench(lambda: d.nf4_gemv_v2(x, packed, absmax, lut, n, k, 64, bn, bk, nw),
-                                         warmup=3, rep=15, return_mode="median") * 1e3
-                    except Exception as exc:  # noqa: BLE001
-                        print("config failed", name, bn, bk, nw, str(exc)[:100])
-                        continue
-                    if best is None or us < best[0]:
-                        best = (us, bn, bk, nw, err)
-        if best:
-            res.update(v2_us=round(best[0], 2), v2_cfg=f"bn{best[1]} bk{best[2]} w{best[3]}",
-                       v2_err=f"{best[4]:.1e}")
+        nbytes = n * k / 2 + n * k / 64 * 4
+        res = dict(shape=name, n=n, k=k, floor_us=round(nbytes / 3.0e12 * 1e6, 2))
+
+        def timed(fn):
+            fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    fn()
+            return graph_replay_ms(graph, 5) / 20 * 1e3
+
+        res["bf16_cublas_us"] = round(timed(lambda: torch.nn.functional.linear(x, w)), 2)
+        for cfg in d._candidates(k, 64, packed):
+            try:
+                d._launch(x, packed, absmax, lut, code, y, n, k, 64, cfg)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                us = timed(lambda: d._launch(x, packed, absmax, lut, code, y, n, k, 64, cfg))
+            except Exception as exc:  # noqa: BLE001
+                print("config failed", name, cfg, str(exc)[:100])
+                continue
+            if not err < 1e-2:
+                print("config WRONG", name, cfg, err)
+                continue
+            if us < res.get(cfg[0] + "_us", 1e9):
+                res[cfg[0] + "_us"] = round(us, 2)
+                res[cfg[0] + "_cfg"] = "/".join(map(str, cfg[1:]))
+                res[cfg[0] + "_gbps"] = round(nbytes / us / 1e3)
         rows.append(res)
         print(res, flush=True)
     return rows
@@ -152,7 +153,7 @@ def main():
         torch.cuda.empty_cache()
     if not args.no_nf4_sweep:
         shapes = [("1b qkv", 3072, 2048), ("1b o", 2048, 2048), ("1b gate_up", 16384, 2048), ("1b down", 2048, 8192),
-                  ("8b qkv", 6144, 4096), ("8b gate_up", 28672, 4096), ("8b down", 4096, 14336)]
+                  ("8b qkv", 6144, 4096), ("8b o", 4096, 4096), ("8b gate_up", 28672, 4096), ("8b down", 4096, 14336)]
         out["nf4"] = nf4_sweep(shapes)
     print("\ncase      weight_GB  floor_ms  replay_ms  loop_ms  tok/s   kernels  kernel_sum_ms  warmup_s")
     for r in table:

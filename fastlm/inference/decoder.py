@@ -124,7 +124,7 @@ class Projection:
                 from ..kernels.decode_nf4 import nf4_gemv_config, nf4_pair_table
 
                 self.lut = nf4_pair_table(self.code)
-                self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device)
+                self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device, packed=self.packed)
         self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
         for (_, out, terms) in read:
