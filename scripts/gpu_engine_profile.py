@@ -64,14 +64,13 @@ def kernel_profile(engine, reps=10, top=12):
 
 
 def nf4_sweep(shapes):
-    """Every NF4 GEMV config at each decode shape: the best time per kernel kind (CUDA-graph timing, as the
+    """Every NF4 GEMV config at each decode shape: the best time (CUDA-graph timing, as the
     engine's tuner does), its error against the dequantize-then-matmul reference, and its GB/s."""
     from fastlm.kernels import decode_nf4 as d
     from fastlm.kernels._triton import graph_replay_ms
 
     rows = []
     code = torch.tensor(sorted(torch.randn(16).tolist()), device="cuda")
-    lut = d.nf4_pair_table(code)
     for name, n, k in shapes:
         packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device="cuda")
         absmax = torch.rand(n * k // 64, device="cuda") + 0.1
@@ -92,21 +91,19 @@ def nf4_sweep(shapes):
             return graph_replay_ms(graph, 5) / 20 * 1e3
 
         res["bf16_cublas_us"] = round(timed(lambda: torch.nn.functional.linear(x, w)), 2)
-        for cfg in d._candidates(k, 64, packed):
+        for cfg in d._CONFIGS:
             try:
-                d._launch(x, packed, absmax, lut, code, y, n, k, 64, cfg)
+                d._launch(x, packed, absmax, code, y, n, k, 64, cfg)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                us = timed(lambda: d._launch(x, packed, absmax, lut, code, y, n, k, 64, cfg))
+                us = timed(lambda: d._launch(x, packed, absmax, code, y, n, k, 64, cfg))
             except Exception as exc:  # noqa: BLE001
                 print("config failed", name, cfg, str(exc)[:100])
                 continue
             if not err < 1e-2:
                 print("config WRONG", name, cfg, err)
                 continue
-            if us < res.get(cfg[0] + "_us", 1e9):
-                res[cfg[0] + "_us"] = round(us, 2)
-                res[cfg[0] + "_cfg"] = "/".join(map(str, cfg[1:]))
-                res[cfg[0] + "_gbps"] = round(nbytes / us / 1e3)
+            if us < res.get("nf4_us", 1e9):
+                res.update(nf4_us=round(us, 2), nf4_cfg="/".join(map(str, cfg)), nf4_gbps=round(nbytes / us / 1e3))
         rows.append(res)
         print(res, flush=True)
     return rows

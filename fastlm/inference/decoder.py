@@ -121,9 +121,8 @@ class Projection:
                 self.absmax = torch.cat([b[2] for b in bases])
                 self.code = bases[0][3]
                 self.blocksize, self.k, self.n = blocksize, k, sum(outs)
-                from ..kernels.decode_nf4 import nf4_gemv_config, nf4_pair_table
+                from ..kernels.decode_nf4 import nf4_gemv_config
 
-                self.lut = nf4_pair_table(self.code)
                 self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device, packed=self.packed)
         self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
@@ -179,7 +178,7 @@ class Projection:
             from ..kernels.decode_nf4 import nf4_gemv
 
             y = nf4_gemv(x.reshape(rows, self.k), self.packed, self.absmax, self.code, self.n, self.k,
-                         self.blocksize, lut=self.lut, config=self.nf4_config).reshape(*x.shape[:-1], self.n)
+                         self.blocksize, config=self.nf4_config).reshape(*x.shape[:-1], self.n)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
