@@ -50,11 +50,18 @@ def nf4_gemv_reference(x, packed, absmax, code, n, k, blocksize) -> torch.Tensor
 
 if triton is not None:
     @triton.jit
+    def _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W: tl.constexpr):
+        wi = w0 + tl.arange(0, BLOCK_W)
+        return tl.load(w_ptr + row_words + wi[None, :], mask=row_ok[:, None] & (wi < words_per_row)[None, :], other=0)
+
+    @triton.jit
     def _nf4_gemv_word_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, y_ptr, N, K, BLOCKSIZE: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
         # the packed bytes read as int32 words (8 weights each, wide loads); each 4-bit code is looked up in the
         # 16-entry float32 table: 64 bytes, so every lookup of a warp hits distinct L1 banks or broadcasts (the
-        # 256-entry table of byte pairs it replaced conflicts). One scale per word, gathered (a word never straddles a block).
+        # 256-entry table of byte pairs it replaced conflicts). One scale per word, gathered (a word never
+        # straddles a block). PREFETCH loads the next step's words before decoding this step's (twice the bytes
+        # in flight per warp).
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,33 +73,42 @@ if triton is not None:
         # bytes of a word are little-endian
         shift = 4 * (tl.arange(0, 8) ^ 1)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            nxt = _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W)
         for w0 in range(0, words_per_row, BLOCK_W):
+            if PREFETCH:
+                word = nxt
+                nxt = _words(w_ptr, row_words, row_ok, w0 + BLOCK_W, words_per_row, BLOCK_W)
+            else:
+                word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W)
             wi = w0 + tl.arange(0, BLOCK_W)
             w_ok = wi < words_per_row
-            mask = row_ok[:, None] & w_ok[None, :]
-            word = tl.load(w_ptr + row_words + wi[None, :], mask=mask, other=0)
             val = tl.load(code_ptr + ((word[:, :, None] >> shift[None, None, :]) & 15))
             xv = tl.load(x_ptr + m * K + wi[:, None] * 8 + tl.arange(0, 8)[None, :], mask=w_ok[:, None],
                          other=0.0).to(tl.float32)
             part = tl.sum(val * xv[None, :, :], axis=2)  # [BLOCK_N, BLOCK_W]
-            scale = tl.load(absmax_ptr + (row_words + wi[None, :]) // WPB, mask=mask, other=0.0)
+            scale = tl.load(absmax_ptr + (row_words + wi[None, :]) // WPB, mask=row_ok[:, None] & w_ok[None, :],
+                            other=0.0)
             acc += tl.sum(part * scale, axis=1)
         tl.store(y_ptr + m * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) tried per (N, K) on first use. On an H100 the word kernel beat the 256-entry
+# (BLOCK_N, BLOCK_K, num_warps, PREFETCH) tried per (N, K) on first use. On an H100 the word kernel beat the 256-entry
 # pair-table kernels it replaced at every Llama-3.2-1B / Llama-3.1-8B decode shape (0.6-1.1 TB/s against 0.4-0.85;
-# scripts/gpu_engine_profile.py's sweep); winners then were (4, 1024, 4), (1, 1024, 1) and (2, 2048, 4).
-_CONFIGS = [(1, 1024, 1), (1, 2048, 1), (1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 512, 2), (4, 1024, 4),
-            (4, 2048, 8), (8, 512, 4), (1, 4096, 4)]
+# scripts/gpu_engine_profile.py's sweep); winners then were (4, 1024, 4), (1, 1024, 1) and (2, 2048, 4), without
+# prefetch (the prefetching configs are not measured yet).
+_CONFIGS = [(1, 1024, 1, 0), (1, 2048, 1, 0), (1, 2048, 2, 0), (2, 1024, 2, 0), (2, 2048, 4, 0), (4, 512, 2, 0),
+            (4, 1024, 4, 0), (4, 2048, 8, 0), (8, 512, 4, 0), (1, 4096, 4, 0),
+            (1, 512, 1, 1), (1, 1024, 1, 1), (1, 1024, 2, 1), (2, 1024, 2, 1), (2, 512, 2, 1), (4, 512, 2, 1),
+            (4, 1024, 4, 1)]
 _TUNED: dict[tuple, tuple] = {}
 
 
 def _launch(x, packed, absmax, code, y, n, k, blocksize, cfg):
-    bn, bk, warps = cfg
+    bn, bk, warps, prefetch = cfg
     _nf4_gemv_word_kernel[(triton.cdiv(n, bn), x.shape[0])](x, packed.view(torch.int32), absmax, code, y, n, k,
                                                             BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_W=bk // 8,
-                                                            num_warps=warps)
+                                                            PREFETCH=bool(prefetch), num_warps=warps)
 
 
 def _fits(k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
@@ -102,13 +118,13 @@ def _fits(k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
 
 def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1,
                     packed: torch.Tensor | None = None) -> tuple | None:
-    """The fastest (BLOCK_N, BLOCK_K, num_warps) for this shape, timed once on the device (a few ms per config)
+    """The fastest (BLOCK_N, BLOCK_K, num_warps, PREFETCH) for this shape, timed once on the device (a few ms per config)
     and remembered; a fixed config under the interpreter; None when the kernel cannot read these bytes (see
     _fits). Call it outside torch.compile."""
     if not _fits(k, blocksize, packed):
         return None
     if interpreter_on() or torch.device(device).type != "cuda":
-        return (4, 512, 2)
+        return (4, 512, 2, 1)
     key = (n, k, blocksize, rows, str(device))
     if key in _TUNED:
         return _TUNED[key]
@@ -157,14 +173,14 @@ def nf4_gemv(x, packed, absmax, code, n: int, k: int, blocksize: int, config: tu
 
 
 def _op_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
-             blocksize: int, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+             blocksize: int, block_n: int, block_k: int, warps: int, prefetch: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     sys.modules[__name__]._launch(x.contiguous(), packed, absmax, code, y, n, k, blocksize,
-                                  (block_n, block_k, warps))
+                                  (block_n, block_k, warps, prefetch))
     return y
 
 
-def _op_fake(x, packed, absmax, code, n, k, blocksize, block_n, block_k, warps):
+def _op_fake(x, packed, absmax, code, n, k, blocksize, block_n, block_k, warps, prefetch):
     return x.new_empty(x.shape[0], n)
 
 

@@ -25,7 +25,7 @@ def _decode_nf4():
 
 
 @pytest.mark.parametrize("n, k, m, nested", [(96, 128, 1, True), (40, 200, 3, False), (17, 64, 2, True),
-                                             (48, 512, 1, True), (22, 256, 2, False)])  # K % 256: pair-table kernel
+                                             (48, 512, 1, True), (22, 256, 2, False), (12, 1600, 1, True)])
 def test_nf4_gemv_matches_reference_and_bitsandbytes(n, k, m, nested):
     kern = _decode_nf4()
     nf4_absmax_fp32, nf4_dequantize_reference = kern.nf4_absmax_fp32, kern.nf4_dequantize_reference
