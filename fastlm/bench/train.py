@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=3407, help="seed of the weights, LoRA init and data")
+    p.add_argument("--offload-embedding", action="store_true",
+                   help="fastlm side: from_pretrained(offload_embedding=True), the input embedding in CPU memory "
+                        "(models with untied embeddings)")
     p.add_argument("--padding-free", action="store_true",
                    help="variable lengths in [64, seq-len]: fastlm trains them packed (position_ids per sequence), "
                         "HF the same sequences padded; tokens/s counts real tokens")
@@ -97,8 +100,21 @@ def check_args(args) -> list[str]:
         p.add("--sides", args.sides, "a comma list of hf and fastlm, each once", "e.g. --sides hf,fastlm")
     if args.padding_free and args.max_context:
         p.add("--padding-free", True, "--max-context probes one dense sequence at batch 1", "drop one of them")
+    if args.offload_embedding and (_ties(args.shape) or not _cuda()):
+        p.add("--offload-embedding", True, "a CUDA device and a shape with untied embeddings (e.g. llama-3.1-8b)",
+              "drop --offload-embedding")
     p.raise_if_any()
     return sides
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ties(shape: str) -> bool:
+    return bool(SHAPES.get(shape, {}).get("tie_word_embeddings", False))
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -114,7 +130,7 @@ def _child_env() -> dict:
 def run_worker(kind: str, args, model_dir: Path, **overrides) -> dict:
     """Run `--worker kind` in a fresh process and return its record; a crash becomes an error/OOM record."""
     values = {k: getattr(args, k) for k in ("shape", "bits", "batch", "seq_len", "rank", "steps", "warmup", "lr",
-                                            "seed", "padding_free")}
+                                            "seed", "padding_free", "offload_embedding")}
     values.update(overrides)
     with tempfile.TemporaryDirectory(prefix="fastlm-bench-") as tmp:
         result = Path(tmp) / "result.json"
@@ -218,7 +234,8 @@ def summarize(args, sides: list[str], results: dict, build: dict) -> dict:
     info = next((r for r in results.values() if r.get("device")), {})
     summary = {"bench": "train", "shape": args.shape, "bits": args.bits, "batch": args.batch, "seq_len": args.seq_len,
                "rank": args.rank, "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "seed": args.seed,
-               "padding_free": args.padding_free, "device": info.get("device_name"), "dtype": info.get("dtype"),
+               "padding_free": args.padding_free, "offload_embedding": args.offload_embedding,
+               "device": info.get("device_name"), "dtype": info.get("dtype"),
                "autocast": info.get("autocast"), "memory": info.get("memory"), "versions": info.get("versions"),
                "parameters": build.get("parameters"), "commit": _git_commit()}
     for side in sides:
@@ -241,7 +258,8 @@ def _fmt(value, spec: str = "") -> str:
 def format_table(summary: dict, sides: list[str]) -> str:
     s = summary
     lines = [f"fastlm bench train: {s['shape']}, {s['bits']}-bit, LoRA r{s['rank']} on 7 linears, batch {s['batch']} x "
-             f"{s['seq_len']}{' (padding-free, variable lengths)' if s['padding_free'] else ''}, {s['steps']} timed "
+             f"{s['seq_len']}{' (padding-free, variable lengths)' if s['padding_free'] else ''}"
+             f"{', fastlm embedding offloaded to CPU' if s.get('offload_embedding') else ''}, {s['steps']} timed "
              f"steps after {s['warmup']} warm-up; {s['device']} ({s['dtype']}{', autocast' if s['autocast'] else ''})",
              f"{'side':<8} {'status':<7} {'tokens/s':>10} {'step ms p20/med/p80':>22} {'peak GB':>8} "
              f"{'loss first -> last-k mean':>26}"]

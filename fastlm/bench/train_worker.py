@@ -101,12 +101,14 @@ def load_hf(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype
     return model
 
 
-def load_fastlm(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype, max_seq_length: int):
+def load_fastlm(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype, max_seq_length: int,
+                offload_embedding: bool = False):
     """The user's path: FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing="unsloth")."""
     from fastlm.api import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=max_seq_length, dtype=dtype,
-                                                 load_in_4bit=bits == 4, random_state=seed)
+                                                 load_in_4bit=bits == 4, random_state=seed,
+                                                 offload_embedding=offload_embedding)
     model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0,
                                              target_modules=TARGET_MODULES, use_gradient_checkpointing="unsloth",
                                              random_state=seed, max_seq_length=max_seq_length)
@@ -140,7 +142,7 @@ def _sync(device: str) -> None:
 
 
 def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: int, rank: int, steps: int,
-               warmup: int, lr: float, seed: int, padding_free: bool) -> dict:
+               warmup: int, lr: float, seed: int, padding_free: bool, offload_embedding: bool = False) -> dict:
     """Load `side` and train. Returns the result record (status "ok" / "OOM" / "error")."""
     device, dtype = device_and_dtype()
     autocast = device == "cuda"
@@ -158,7 +160,7 @@ def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: in
         if side == "hf":
             model = load_hf(model_dir, bits, rank, seed, dtype, device)
         else:
-            model = load_fastlm(model_dir, bits, rank, seed, dtype, seq_len)
+            model = load_fastlm(model_dir, bits, rank, seed, dtype, seq_len, offload_embedding)
         _sync(device)
         record["load_s"] = round(time.perf_counter() - t0, 2)
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -223,7 +225,7 @@ def worker_main(args) -> int:
     else:
         record = train_side(args.worker, model_dir, bits=args.bits, batch=args.batch, seq_len=args.seq_len,
                             rank=args.rank, steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed,
-                            padding_free=args.padding_free)
+                            padding_free=args.padding_free, offload_embedding=args.offload_embedding)
         record["versions"] = versions()
     Path(args.result).write_text(json.dumps(record))
     return 0

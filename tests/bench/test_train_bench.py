@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastlm.bench import train
 from fastlm.cli import bench as cli_bench
@@ -141,3 +142,19 @@ def test_cli_bench_parses_train_options_and_explains_a_missing_generate_benchmar
     monkeypatch.delattr(fastlm.bench, "generate", raising=False)  # an earlier import leaves the attribute
     with pytest.raises(UnsupportedFeatureError, match="fastlm bench train"):
         gen.run(gen)
+
+
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_offload_embedding_flag_names_what_it_needs(shape):
+    """--offload-embedding needs untied embeddings and a CUDA device; otherwise the command says so before
+    building anything (on this CPU machine both shapes are refused; the tied one for its shape too)."""
+    from fastlm.bench import train as bench_train
+    from fastlm.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args(["--shape", shape, "--offload-embedding"])
+    if torch.cuda.is_available() and shape == "llama-3.1-8b":
+        pytest.skip("accepted on a GPU (the run itself is the device benchmark)")
+    with pytest.raises(ConfigError, match="--offload-embedding.*untied embeddings"):
+        bench_train.check_args(args)
