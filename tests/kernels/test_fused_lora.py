@@ -164,10 +164,36 @@ def _dense_parts(parts):
              p[1].scale) for p in parts]
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-def test_mlp_gradcheck_fp64(act):
-    """The hand-derived backward equals the numerical derivative (fp64), through the reference's forward."""
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_mlp_backward_twice_either_raises_naming_the_fix_or_repeats(overwrite, monkeypatch):
+    """The MLP backward writes dg/du over its saved activations (memory): a second backward through the same graph
+    is refused with the fix named, and with OVERWRITE_SAVED off it gives the same gradients again."""
+    from fastlm.kernels import lora
     from fastlm.kernels.lora import Adapter, BaseWeight, fused_lora_mlp
+
+    monkeypatch.setattr(lora, "OVERWRITE_SAVED", overwrite)
+    torch.manual_seed(0)
+    bases = [BaseWeight(torch.randn(o, i) / i ** 0.5, None, None) for i, o in ((6, 10), (6, 10), (10, 6))]
+    ad = [torch.randn(s, requires_grad=True) for s in ((3, 6), (10, 3), (3, 6), (10, 3), (3, 10), (6, 3))]
+    adapters = tuple(Adapter(ad[2 * i], ad[2 * i + 1], 2.0) for i in range(3))
+    loss = fused_lora_mlp(torch.randn(4, 6), *bases, adapters, "silu").square().sum()
+    first = torch.autograd.grad(loss, ad, retain_graph=True)
+    if overwrite:
+        with pytest.raises(RuntimeError, match="OVERWRITE_SAVED = False"):
+            torch.autograd.grad(loss, ad)
+    else:
+        for a, b in zip(first, torch.autograd.grad(loss, ad)):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_mlp_gradcheck_fp64(act, monkeypatch):
+    """The hand-derived backward equals the numerical derivative (fp64), through the reference's forward
+    (gradcheck backpropagates each graph many times: the saved activations are kept)."""
+    from fastlm.kernels import lora
+    from fastlm.kernels.lora import Adapter, BaseWeight, fused_lora_mlp
+
+    monkeypatch.setattr(lora, "OVERWRITE_SAVED", False)
 
     torch.manual_seed(0)
     ws = [(torch.randn(o, i, dtype=torch.float64) / i ** 0.5, torch.randn(o, dtype=torch.float64))
