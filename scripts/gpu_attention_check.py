@@ -1,0 +1,229 @@
+"""GPU check of the split-K decode attention (fastlm.kernels.decode_attention): bf16 correctness at real sizes, and
+time per call against the products-and-sums form the engine's compiled decode step uses otherwise.
+
+Shapes: Llama-3.2-1B (32 query / 8 kv heads of 64), Llama-3.1-8B (32 / 8 of 128), Gemma-2-2B (8 / 4 of 256, score
+cap 50, sliding window 4096); cache length L in {385, 4096, 32768}; batch 1, 8, 64; every row's query at L//2, then
+at L-1. For each (model, L, batch) it captures
+  * one call of the op (torch.ops.fastlm.decode_attention) in a CUDA graph, then copies each position into the
+    graph's position tensor and replays it (the engine's way: one capture, any position), and compares the output
+    with the reference computed in fp32 (`decode_attention_reference` on fp32 inputs): max abs and relative error;
+  * the same for the bf16 products-and-sums reference, compiled by inductor (what the engine captures otherwise):
+    its error is the bound (the op passes when its max error <= 2 x the reference's + 1e-3);
+  * 20 calls of each in one CUDA graph, replayed (fastlm.kernels._triton.graph_replay_ms): microseconds per call,
+    and the op's achieved bandwidth (the allowed keys' K and V bytes / time);
+  * with --sweep, the op at other chunk sizes (`_launch(chunk=...)`), to check split_plan's choice.
+
+Run on the GPU machine (one command; roughly 3-6 minutes, most of it inductor compiling 27 shapes):
+
+    PYTHONPATH=. python scripts/gpu_attention_check.py [--models llama-3.2-1b] [--lengths 385,4096] [--batches 1]
+        [--sweep 32,64,128,256] [--no-compile]
+
+Smoke-test the script on a CPU (Triton interpreter, fp16, cache lengths 40 and 100, a 24-key window for Gemma,
+wall-clock timing of single calls, about a minute; the numbers mean nothing there):
+
+    PYTHONPATH=. python scripts/gpu_attention_check.py --device cpu
+
+Prints one line per case as it goes, a table last, then one JSON line. Exit status 1 when any case fails its bound.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+MODELS = {  # heads, kv heads, head dim, score scaling, cap, window, q scale (peaked softmax; Gemma: the cap bites)
+    "llama-3.2-1b": dict(h=32, kv=8, d=64, scaling=64 ** -0.5, softcap=None, window=None, q_scale=3.0),
+    "llama-3.1-8b": dict(h=32, kv=8, d=128, scaling=128 ** -0.5, softcap=None, window=None, q_scale=3.0),
+    "gemma-2-2b": dict(h=8, kv=4, d=256, scaling=256 ** -0.5, softcap=50.0, window=4096, q_scale=10.0),
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    p.add_argument("--lengths", default=None, help="cache lengths (default 385,4096,32768; cpu 40,100)")
+    p.add_argument("--batches", default=None, help="batch sizes (default 1,8,64; cpu 1,3)")
+    p.add_argument("--sweep", default=None,
+                   help="chunk sizes to time besides the plan's (default 32,64,128,256; cpu 64; '' for none)")
+    p.add_argument("--no-compile", action="store_true", help="time the products-and-sums reference eagerly "
+                   "(it then holds [B, kv, G, L, D] fp32 products: small shapes only)")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.models = [m for m in args.models.split(",") if m]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        p.error(f"--models {bad}: allowed {list(MODELS)}")
+    args.lengths = _ints(args.lengths or ("40,100" if cpu else "385,4096,32768"))
+    args.batches = _ints(args.batches or ("1,3" if cpu else "1,8,64"))
+    args.sweep = _ints(("64" if cpu else "32,64,128,256") if args.sweep is None else args.sweep)
+    return args
+
+
+ARGS = parse_args()
+if ARGS.device == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before fastlm.kernels decorates its kernels
+
+import torch  # noqa: E402
+
+from fastlm.kernels import decode_attention as da  # noqa: E402
+from fastlm.kernels._triton import force_triton, graph_replay_ms  # noqa: E402
+
+
+def sum_attention(q, k_cache, v_cache, positions, scaling, softcap, window):
+    """The engine's compiled decode attention (inference/decoder.py, t == 1 under torch.compile): products and sums
+    over the whole cache in fp32 from bf16 inputs, masked softmax, output in the cache's dtype. -> [B, 1, H*D]"""
+    b, h, _, d = q.shape
+    kv, length = k_cache.shape[1], k_cache.shape[2]
+    k, v = k_cache[:b], v_cache[:b]
+    qg = q.reshape(b, kv, h // kv, d)
+    scores = (qg.unsqueeze(-2).float() * k.unsqueeze(2).float()).sum(-1) * scaling  # [B, kv, G, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    key_pos = torch.arange(length, device=q.device)
+    allowed = key_pos[None, :] <= positions[:, None]
+    if window is not None:
+        allowed = allowed & (key_pos[None, :] > positions[:, None] - window)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs.unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2).to(v.dtype)  # [B, kv, G, D]
+    return out.reshape(b, 1, h * d)
+
+
+def fp32_reference(q, k, v, positions, cfg, rows_at_once=8):
+    """decode_attention_reference on fp32 inputs, a few rows at a time (the fp32 copy of a 32k cache is large)."""
+    parts = [da.decode_attention_reference(q[r:r + rows_at_once].float(), k[r:r + rows_at_once],
+                                           v[r:r + rows_at_once], positions[r:r + rows_at_once], cfg["scaling"],
+                                           cfg["softcap"], cfg["window"])
+             for r in range(0, q.shape[0], rows_at_once)]
+    return torch.cat(parts)
+
+
+def errors(got, ref):
+    diff = got.float() - ref
+    return float(diff.abs().max()), float(diff.norm() / ref.norm().clamp_min(1e-30))
+
+
+class Timer:
+    """Per-call time of fn(): on CUDA 20 calls captured in one graph and replayed; on CPU one wall-clock call."""
+
+    def __init__(self, device: str, reps: int = 20):
+        self.cuda, self.reps = device == "cuda", reps
+
+    def capture(self, fn, calls: int):
+        fn()  # compile / autotune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = [fn() for _ in range(calls)]
+        return graph, out[-1]
+
+    def per_call_us(self, fn):
+        """A function that times fn per call (us) at the positions currently in the tensors fn reads."""
+        if not self.cuda:
+            def wall():
+                start = time.perf_counter()
+                fn()
+                return (time.perf_counter() - start) * 1e6
+            return wall
+        graph, _ = self.capture(fn, self.reps)
+        return lambda: graph_replay_ms(graph, 5) / self.reps * 1e3
+
+
+def run_case(name, cfg, length, batch, args, timer):
+    device, cpu = args.device, args.device == "cpu"
+    dtype = torch.float16 if cpu else torch.bfloat16
+    window = 24 if (cpu and cfg["window"]) else cfg["window"]
+    cfg = dict(cfg, window=window)
+    h, kv, d = cfg["h"], cfg["kv"], cfg["d"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = (torch.randn(batch, h, 1, d, device=device, generator=gen) * cfg["q_scale"]).to(dtype)
+    k = torch.randn(batch, kv, length, d, device=device, generator=gen).to(dtype)
+    v = torch.randn(batch, kv, length, d, device=device, generator=gen).to(dtype)
+    positions = torch.zeros(batch, dtype=torch.long, device=device)
+    forced = force_triton() if cpu else contextlib.nullcontext()
+    call = (cfg["scaling"], cfg["softcap"], window)
+    block_l = da.block_sizes(h // kv, d)[2]
+    chunk, splits, _ = da.split_plan(length, window, block_l)
+
+    def op():
+        return da.decode_attention(q, k, v, positions, *call)
+
+    ref_fn = sum_attention
+    if not cpu and not args.no_compile:
+        torch._dynamo.reset()
+        ref_fn = torch.compile(sum_attention, dynamic=False, fullgraph=True)
+
+    def ref():
+        return ref_fn(q, k, v, positions, *call)
+
+    rows = []
+    with forced:
+        positions.fill_(length // 2)
+        if cpu:
+            checked = {"op": op, "ref": ref}
+        else:  # one capture each, replayed at every position: the engine's use
+            graphs = {key: timer.capture(fn, 1) for key, fn in (("op", op), ("ref", ref))}
+            checked = {key: (lambda g=g, out=out: (g.replay(), out)[1]) for key, (g, out) in graphs.items()}
+        timed = {"op": timer.per_call_us(op), "ref": timer.per_call_us(ref)}
+        sweep = {}
+        for c in args.sweep:
+            if c != chunk and -(-min(length, window or length) // c) <= 512:
+                sweep[c] = timer.per_call_us(
+                    lambda c=c: da._launch(q, k, v, positions, cfg["scaling"], cfg["softcap"], window, chunk=c))
+        for pos in (length // 2, length - 1):
+            positions.fill_(pos)
+            truth = fp32_reference(q, k, v, positions, cfg)
+            err_op, rel_op = errors(checked["op"](), truth)
+            err_ref, rel_ref = errors(checked["ref"](), truth)
+            us_op, us_ref = timed["op"](), timed["ref"]()
+            swept = {c: t() for c, t in sweep.items()}
+            best = min(swept.items(), key=lambda kv_: kv_[1], default=(chunk, us_op))
+            keys = min(pos + 1, window or length)
+            gbps = batch * kv * keys * d * 2 * k.element_size() / (us_op * 1e-6) / 1e9
+            row = dict(model=name, L=length, batch=batch, pos=pos, chunk=chunk, splits=splits, us_op=us_op,
+                       us_ref=us_ref, speedup=us_ref / us_op, gbps_op=gbps, sweep_us=swept,
+                       best_chunk=best[0] if best[1] < us_op else chunk, err_op=err_op, rel_op=rel_op,
+                       err_ref=err_ref, rel_ref=rel_ref, ok=err_op <= 2 * err_ref + 1e-3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    args = ARGS
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu for the smoke test", file=sys.stderr)
+        return 2
+    timer = Timer(args.device)
+    rows = []
+    for name in args.models:
+        for length in args.lengths:
+            for batch in args.batches:
+                rows.extend(run_case(name, MODELS[name], length, batch, args, timer))
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()  # the case's caches and graphs are gone: give their memory back
+    head = (f"{'model':13} {'L':>6} {'B':>3} {'pos':>6} {'chunk x n':>10} {'op us':>8} {'ref us':>8} {'x':>6} "
+            f"{'GB/s':>7} {'best chunk':>10} {'err op':>8} {'err ref':>8} ok")
+    print("\n" + head)
+    for r in rows:
+        print(f"{r['model']:13} {r['L']:>6} {r['batch']:>3} {r['pos']:>6} {r['chunk']:>5} x {r['splits']:<3} "
+              f"{r['us_op']:8.1f} {r['us_ref']:8.1f} {r['speedup']:6.2f} {r['gbps_op']:7.0f} {r['best_chunk']:>10} "
+              f"{r['err_op']:8.1e} {r['err_ref']:8.1e} {'yes' if r['ok'] else 'NO'}")
+    ok = all(r["ok"] for r in rows)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    import triton
+    print(json.dumps(dict(check="decode_attention", device=device, torch=torch.__version__,
+                          triton=triton.__version__, ok=ok, rows=rows)))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
