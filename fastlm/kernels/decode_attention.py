@@ -11,9 +11,9 @@ Two launches. The split kernel runs one program per (row, kv head, split): split
 [lo + s * CHUNK, lo + (s + 1) * CHUNK) of the row's allowed range [lo, hi) (hi = p + 1, lo = p - window + 1 or 0),
 for all G query heads of the kv head at once (GQA), and walks them in BLOCK_L steps with an online softmax in fp32.
 It writes a partial per query head: running max m, sum l and the unnormalised output acc [D] (fp32 scratch). A
-split that starts at or past hi writes the empty partial (m = -inf, l = 0). The combine kernel, one program per
-(row, query head), rescales the live partials by exp(m_s - max m) and writes acc / l in q's dtype, the heads side
-by side, ready for the o projection.
+split that starts at or past hi writes the empty partial (m = -inf, l = 0, no acc). The combine kernel, one
+program per (row, query head), rescales the live partials (m > -inf) by exp(m_s - max m) and writes
+sum(acc) / sum(l) in q's dtype, the heads side by side, ready for the o projection.
 
 The positions are read on the device only: CHUNK and the number of splits depend on the cache length and the
 window (host constants), so one launch can be captured in a CUDA graph and replayed at any position.
@@ -126,34 +126,27 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
 
 
 @jit
-def _decode_attention_combine_kernel(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_pos, L, CHUNK, SPLITS, window,
-                                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                                     BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                     SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    # the live splits are those with m > -inf (an empty one wrote -inf and no acc): no position to read first
     b = tl.program_id(0)
     h = tl.program_id(1)
-    pos = tl.load(pos_ptr + b * stride_pos).to(tl.int32)
-    hi = tl.minimum(pos + 1, L)
-    if HAS_WINDOW:
-        lo = tl.maximum(pos - window + 1, 0)
-    else:
-        lo = pos * 0
-    live = tl.minimum((tl.maximum(hi - lo, 0) + CHUNK - 1) // CHUNK, SPLITS)  # splits that saw keys
     row = (b * tl.num_programs(1) + h).to(tl.int64) * SPLITS
     si = tl.arange(0, BLOCK_SPLITS)
-    m = tl.load(m_ptr + row + si, mask=si < live, other=float("-inf"))
+    m = tl.load(m_ptr + row + si, mask=si < SPLITS, other=float("-inf"))
     m_max = tl.max(m, axis=0)
-    weights = tl.where(si < live, tl.exp(m - m_max), 0.0)
-    denom = tl.sum(weights * tl.load(l_ptr + row + si, mask=si < live, other=0.0), axis=0)
+    weights = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(weights * tl.load(l_ptr + row + si, mask=si < SPLITS, other=0.0), axis=0)
     di = tl.arange(0, BLOCK_D)
     d_ok = di < D
     total = tl.zeros([BLOCK_D], tl.float32)
-    for first in range(0, live, BLOCK_S):
+    for first in range(0, SPLITS, BLOCK_S):
         sj = first + tl.arange(0, BLOCK_S)
-        s_ok = sj < live
-        w = tl.where(s_ok, tl.exp(tl.load(m_ptr + row + sj, mask=s_ok, other=float("-inf")) - m_max), 0.0)
-        acc = tl.load(acc_ptr + (row + sj[:, None]) * D + di[None, :], mask=s_ok[:, None] & d_ok[None, :],
+        m_j = tl.load(m_ptr + row + sj, mask=sj < SPLITS, other=float("-inf"))
+        live = m_j > float("-inf")
+        acc = tl.load(acc_ptr + (row + sj[:, None]) * D + di[None, :], mask=live[:, None] & d_ok[None, :],
                       other=0.0)
-        total += tl.sum(w[:, None] * acc, axis=0)
+        total += tl.sum(tl.where(live, tl.exp(m_j - m_max), 0.0)[:, None] * acc, axis=0)
     out = total / denom
     tl.store(out_ptr + b * (tl.num_programs(1) * D) + h * D + di, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
@@ -210,12 +203,11 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     _decode_attention_split_kernel[(b, kv, splits)](
         q, k_cache, v_cache, positions, m, l_sum, acc, positions.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), length, chunk, splits, float(scaling), float(softcap or 1.0),
-        int(window or 0), G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_L=block_l,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), length, chunk, splits, float(scaling),
+        float(softcap or 1.0), int(window or 0), G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_L=block_l,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4)
     block_splits = next_pow2(splits)
     _decode_attention_combine_kernel[(b, h)](
-        positions, m, l_sum, acc, out, positions.stride(0), length, chunk, splits, int(window or 0), D=d,
-        BLOCK_D=block_d, BLOCK_SPLITS=block_splits, BLOCK_S=max(1, min(block_splits, 4096 // block_d)),
-        HAS_WINDOW=window is not None, num_warps=4)
+        m, l_sum, acc, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_SPLITS=block_splits,
+        BLOCK_S=max(1, min(block_splits, 4096 // block_d)), num_warps=4)
     return out
