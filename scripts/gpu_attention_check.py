@@ -4,14 +4,17 @@ time per call against the products-and-sums form the engine's compiled decode st
 Shapes: Llama-3.2-1B (32 query / 8 kv heads of 64), Llama-3.1-8B (32 / 8 of 128), Gemma-2-2B (8 / 4 of 256, score
 cap 50, sliding window 4096); cache length L in {385, 4096, 32768}; batch 1, 8, 64; every row's query at L//2, then
 at L-1. For each (model, L, batch) it captures
-  * one call of the op (torch.ops.fastlm.decode_attention) in a CUDA graph, then copies each position into the
-    graph's position tensor and replays it (the engine's way: one capture, any position), and compares the output
-    with the reference computed in fp32 (`decode_attention_reference` on fp32 inputs): max abs and relative error;
+  * one call of the op (torch.ops.fastlm.decode_attention, its default form) in a CUDA graph, then copies each
+    position into the graph's position tensor and replays it (the engine's way: one capture, any position), and
+    compares the output with the reference computed in fp32 (`decode_attention_reference` on fp32 inputs): max abs
+    and relative error;
   * the same for the bf16 products-and-sums reference, compiled by inductor (what the engine captures otherwise):
-    its error is the bound (the op passes when its max error <= 2 x the reference's + 1e-3);
+    its error is the bound (each form passes when its max error <= 2 x the reference's + 1e-3);
   * 20 calls of each in one CUDA graph, replayed (fastlm.kernels._triton.graph_replay_ms): microseconds per call,
     and the op's achieved bandwidth (the allowed keys' K and V bytes / time);
-  * with --sweep, the op at other chunk sizes (`_launch(chunk=...)`), to check split_plan's choice.
+  * both forms of the split kernel: products and sums (TENSOR_CORES = False, the default) and tl.dot on tensor
+    cores (`_launch(use_dot=True)`), each checked and timed; the summary line says which one was faster how often;
+  * with --sweep, both forms at other chunk sizes (`_launch(chunk=...)`), to check split_plan's choice.
 
 Run on the GPU machine (one command; roughly 3-6 minutes, most of it inductor compiling 27 shapes):
 
@@ -19,7 +22,7 @@ Run on the GPU machine (one command; roughly 3-6 minutes, most of it inductor co
         [--sweep 32,64,128,256] [--no-compile]
 
 Smoke-test the script on a CPU (Triton interpreter, fp16, cache lengths 40 and 100, a 24-key window for Gemma,
-wall-clock timing of single calls, about a minute; the numbers mean nothing there):
+wall-clock timing of single calls, about two minutes; the numbers mean nothing there):
 
     PYTHONPATH=. python scripts/gpu_attention_check.py --device cpu
 
@@ -148,50 +151,51 @@ def run_case(name, cfg, length, batch, args, timer):
     k = torch.randn(batch, kv, length, d, device=device, generator=gen).to(dtype)
     v = torch.randn(batch, kv, length, d, device=device, generator=gen).to(dtype)
     positions = torch.zeros(batch, dtype=torch.long, device=device)
-    forced = force_triton() if cpu else contextlib.nullcontext()
     call = (cfg["scaling"], cfg["softcap"], window)
-    block_l = da.block_sizes(h // kv, d)[2]
-    chunk, splits, _ = da.split_plan(length, window, block_l)
+    span = min(length, window or length)
+    plan = {kind: da.split_plan(length, window, da.block_sizes(h // kv, d, kind == "dot")[2])[:2]
+            for kind in ("sum", "dot")}
+    default = "dot" if da.TENSOR_CORES else "sum"
 
-    def op():
-        return da.decode_attention(q, k, v, positions, *call)
+    def launch(kind, chunk=None):
+        return lambda: da._launch(q, k, v, positions, *call, chunk=chunk, use_dot=kind == "dot")
 
     ref_fn = sum_attention
     if not cpu and not args.no_compile:
         torch._dynamo.reset()
         ref_fn = torch.compile(sum_attention, dynamic=False, fullgraph=True)
-
-    def ref():
-        return ref_fn(q, k, v, positions, *call)
+    fns = {"sum": launch("sum"), "dot": launch("dot"), "ref": lambda: ref_fn(q, k, v, positions, *call)}
+    fns[default] = lambda: da.decode_attention(q, k, v, positions, *call)  # the op itself, as the engine calls it
 
     rows = []
-    with forced:
+    with force_triton() if cpu else contextlib.nullcontext():
         positions.fill_(length // 2)
         if cpu:
-            checked = {"op": op, "ref": ref}
+            checked = fns
         else:  # one capture each, replayed at every position: the engine's use
-            graphs = {key: timer.capture(fn, 1) for key, fn in (("op", op), ("ref", ref))}
+            graphs = {key: timer.capture(fn, 1) for key, fn in fns.items()}
             checked = {key: (lambda g=g, out=out: (g.replay(), out)[1]) for key, (g, out) in graphs.items()}
-        timed = {"op": timer.per_call_us(op), "ref": timer.per_call_us(ref)}
-        sweep = {}
-        for c in args.sweep:
-            if c != chunk and -(-min(length, window or length) // c) <= 512:
-                sweep[c] = timer.per_call_us(
-                    lambda c=c: da._launch(q, k, v, positions, cfg["scaling"], cfg["softcap"], window, chunk=c))
+        timed = {key: timer.per_call_us(fn) for key, fn in fns.items()}
+        for kind in ("sum", "dot"):
+            for c in args.sweep:
+                if c != plan[kind][0] and -(-span // c) <= 512:
+                    timed[f"{kind}:{c}"] = timer.per_call_us(launch(kind, c))
         for pos in (length // 2, length - 1):
             positions.fill_(pos)
             truth = fp32_reference(q, k, v, positions, cfg)
-            err_op, rel_op = errors(checked["op"](), truth)
-            err_ref, rel_ref = errors(checked["ref"](), truth)
-            us_op, us_ref = timed["op"](), timed["ref"]()
-            swept = {c: t() for c, t in sweep.items()}
-            best = min(swept.items(), key=lambda kv_: kv_[1], default=(chunk, us_op))
-            keys = min(pos + 1, window or length)
-            gbps = batch * kv * keys * d * 2 * k.element_size() / (us_op * 1e-6) / 1e9
-            row = dict(model=name, L=length, batch=batch, pos=pos, chunk=chunk, splits=splits, us_op=us_op,
-                       us_ref=us_ref, speedup=us_ref / us_op, gbps_op=gbps, sweep_us=swept,
-                       best_chunk=best[0] if best[1] < us_op else chunk, err_op=err_op, rel_op=rel_op,
-                       err_ref=err_ref, rel_ref=rel_ref, ok=err_op <= 2 * err_ref + 1e-3)
+            err = {key: errors(fn(), truth) for key, fn in checked.items()}
+            us = {key: t() for key, t in timed.items()}
+            options = {f"{kind}:{plan[kind][0]}": us[kind] for kind in ("sum", "dot")}
+            options.update((key, t) for key, t in us.items() if ":" in key)
+            best = min(options, key=options.get)
+            keys = min(pos + 1, span)
+            gbps = batch * kv * keys * d * 2 * k.element_size() / (us[default] * 1e-6) / 1e9
+            row = dict(model=name, L=length, batch=batch, pos=pos, default=default, chunk=plan[default][0],
+                       splits=plan[default][1], us_sum=us["sum"], us_dot=us["dot"], us_ref=us["ref"],
+                       speedup=us["ref"] / us[default], gbps=gbps, best=best, us_best=options[best], us_all=options,
+                       err_sum=err["sum"][0], err_dot=err["dot"][0], err_ref=err["ref"][0],
+                       rel_sum=err["sum"][1], rel_dot=err["dot"][1], rel_ref=err["ref"][1],
+                       ok=max(err["sum"][0], err["dot"][0]) <= 2 * err["ref"][0] + 1e-3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -210,18 +214,25 @@ def main() -> int:
                 rows.extend(run_case(name, MODELS[name], length, batch, args, timer))
                 if args.device == "cuda":
                     torch.cuda.empty_cache()  # the case's caches and graphs are gone: give their memory back
-    head = (f"{'model':13} {'L':>6} {'B':>3} {'pos':>6} {'chunk x n':>10} {'op us':>8} {'ref us':>8} {'x':>6} "
-            f"{'GB/s':>7} {'best chunk':>10} {'err op':>8} {'err ref':>8} ok")
-    print("\n" + head)
+    print(f"\nus per call; op = the op's default path ({rows[0]['default']}, chunk x splits as planned); "
+          "ref = inductor's products-and-sums; x = ref / op; GB/s = allowed K+V bytes / op time")
+    print(f"{'model':13} {'L':>6} {'B':>3} {'pos':>6} {'chunk x n':>10} {'sum':>8} {'dot':>8} {'ref':>8} {'x':>6} "
+          f"{'GB/s':>6} {'best':>9} {'us':>8} {'err sum':>8} {'err dot':>8} {'err ref':>8} ok")
     for r in rows:
         print(f"{r['model']:13} {r['L']:>6} {r['batch']:>3} {r['pos']:>6} {r['chunk']:>5} x {r['splits']:<3} "
-              f"{r['us_op']:8.1f} {r['us_ref']:8.1f} {r['speedup']:6.2f} {r['gbps_op']:7.0f} {r['best_chunk']:>10} "
-              f"{r['err_op']:8.1e} {r['err_ref']:8.1e} {'yes' if r['ok'] else 'NO'}")
+              f"{r['us_sum']:8.1f} {r['us_dot']:8.1f} {r['us_ref']:8.1f} {r['speedup']:6.2f} {r['gbps']:6.0f} "
+              f"{r['best']:>9} {r['us_best']:8.1f} {r['err_sum']:8.1e} {r['err_dot']:8.1e} {r['err_ref']:8.1e} "
+              f"{'yes' if r['ok'] else 'NO'}")
+    ratios = sorted(r["us_dot"] / r["us_sum"] for r in rows)
+    dot_wins = sum(x < 1 for x in ratios)
+    print(f"tensor cores (dot) faster than products-and-sums (sum) in {dot_wins} of {len(rows)} cases; median "
+          f"dot/sum time {ratios[len(ratios) // 2]:.2f}")
     ok = all(r["ok"] for r in rows)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     import triton
     print(json.dumps(dict(check="decode_attention", device=device, torch=torch.__version__,
-                          triton=triton.__version__, ok=ok, rows=rows)))
+                          triton=triton.__version__, ok=ok, dot_wins=dot_wins, cases=len(rows),
+                          median_dot_over_sum=ratios[len(ratios) // 2], rows=rows)))
     return 0 if ok else 1
 
 

@@ -32,6 +32,8 @@ SMALL_SPAN = 1024
 MAX_SPLITS = 128
 # a split program holds a [BLOCK_G, BLOCK_L, BLOCK_D] fp32 product: at most this many elements (registers)
 PRODUCT_ELEMENTS = 8192
+# scores and weighted values by tl.dot (tensor cores, heads padded to 16 rows) instead of products and sums
+TENSOR_CORES = False
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, scaling: float, softcap: float | None = None,
@@ -78,7 +80,7 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
                                    window,
                                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                                    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                                   HAS_WINDOW: tl.constexpr):
+                                   HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -96,7 +98,11 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
     start = lo + split * CHUNK
     end = tl.minimum(start + CHUNK, hi)  # start >= hi: no keys, the loop below is empty
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + di[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_DOT:  # tensor cores: q in the cache's dtype, its rows padded to 16 (zeros past G)
+        q = q.to(k_ptr.dtype.element_ty)
+    else:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -106,8 +112,11 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
         l_ok = li < end
         offs = base + li[:, None].to(tl.int64) * stride_kl + di[None, :]
         kmask = l_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BLOCK_G, BLOCK_L]
+        k = tl.load(k_ptr + offs, mask=kmask, other=0.0)
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_G, BLOCK_L]
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scaling
         if HAS_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         s = tl.where(l_ok[None, :], s, float("-inf"))
@@ -116,7 +125,10 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
         alpha = tl.exp(m_i - m_new)
         v = tl.load(v_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if USE_DOT:  # fp32 weights: tf32 keeps 10 mantissa bits of p, and a 16-bit v exactly
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
     part = (b * (G * tl.num_programs(1)) + heads).to(tl.int64) * SPLITS + split  # [BLOCK_G]
     tl.store(m_ptr + part, m_i, mask=g_ok)
@@ -179,24 +191,33 @@ def _op_fake(q, k_cache, v_cache, positions, scaling, softcap, window):
 register_opaque_op("decode_attention", _op_impl, _op_fake)
 
 
-def block_sizes(g: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_D, BLOCK_L) of the split kernel: BLOCK_L keys a step, 16..64, so that the fp32 product
-    [BLOCK_G, BLOCK_L, BLOCK_D] stays within PRODUCT_ELEMENTS (Llama 4 x 64: 32 keys; 4 x 128 or Gemma 2 x 256: 16)."""
+def block_sizes(g: int, d: int, use_dot: bool) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_D, BLOCK_L) of the split kernel. With tensor cores the G query heads are padded to 16 rows
+    (the smallest dot) and BLOCK_L is 32 keys (sm_90 ptxas: 64 keys spill registers at head dim 128). Without,
+    BLOCK_L is 16 or 32 keys so that the fp32 product [BLOCK_G, BLOCK_L, BLOCK_D] stays within PRODUCT_ELEMENTS
+    (Llama 4 x 64: 32 keys; 4 x 128 or Gemma 2 x 256: 16; 64 keys at 1 x 128 spill registers)."""
     block_g, block_d = next_pow2(g), next_pow2(d)
-    return block_g, block_d, max(16, min(64, PRODUCT_ELEMENTS // (block_g * block_d)))
+    if use_dot:
+        return max(16, block_g), block_d, 32
+    return block_g, block_d, max(16, min(32, PRODUCT_ELEMENTS // (block_g * block_d)))
 
 
-def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int | None = None):
+def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int | None = None,
+            use_dot: bool | None = None):
     """The two launches. `chunk` overrides split_plan's chunk (tests, and the GPU script's sweep); BLOCK_L is then
-    lowered to it when longer, and a chunk that is not a multiple of BLOCK_L ends on a masked partial step."""
+    lowered to it when longer, and a chunk that is not a multiple of BLOCK_L ends on a masked partial step.
+    `use_dot` overrides TENSOR_CORES."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # no copy for the engine's caches
     b, h, t, d = q.shape
     kv, length = k_cache.shape[1], k_cache.shape[2]
     g = h // kv
-    block_g, block_d, block_l = block_sizes(g, d)
+    use_dot = TENSOR_CORES if use_dot is None else use_dot
+    block_g, block_d, block_l = block_sizes(g, d, use_dot)
     chunk, splits, block_l = (split_plan(length, window, block_l) if chunk is None else
                               (chunk, _cdiv(max(1, min(length, window or length)), chunk), min(block_l, chunk)))
+    if use_dot:
+        block_l = max(16, block_l)  # the smallest dot; a shorter chunk ends on masked keys
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
@@ -205,7 +226,9 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
         q, k_cache, v_cache, positions, m, l_sum, acc, positions.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), length, chunk, splits, float(scaling),
         float(softcap or 1.0), int(window or 0), G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_L=block_l,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, num_warps=4)
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=8 if use_dot and block_d >= 256 else 4)
     block_splits = next_pow2(splits)
     _decode_attention_combine_kernel[(b, h)](
         m, l_sum, acc, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_SPLITS=block_splits,

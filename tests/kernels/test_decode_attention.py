@@ -49,10 +49,21 @@ def test_decode_attention_kernel_matches_reference(dtype, h, kv, d, softcap, win
     _check(kernel_module("decode_attention"), dtype, h, kv, d, softcap, window)
 
 
-@pytest.mark.parametrize("chunk", [16, 48, 64])
-def test_chunks_walked_in_several_steps_or_split_finer(chunk):
-    """Chunks other than the plan's: 16 keys (5 splits), 48 (a 32-key step then a masked one), 64 (two steps)."""
-    _check(kernel_module("decode_attention"), torch.float32, 8, 2, 64, None, 40, chunk=chunk)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h, kv, d, softcap, window", [
+    (8, 2, 64, None, None),     # groups of 4, padded to the 16 rows of the smallest dot
+    (6, 2, 80, 30.0, 40),       # groups of 3, head dim 80, cap, window over two chunks
+    (4, 4, 64, None, 7),        # no grouping, window shorter than a chunk
+])
+def test_tensor_core_path_matches_reference(dtype, h, kv, d, softcap, window):
+    _check(kernel_module("decode_attention"), dtype, h, kv, d, softcap, window, use_dot=True)
+
+
+@pytest.mark.parametrize("chunk, use_dot", [(16, False), (48, False), (64, False), (16, True), (80, True)])
+def test_chunks_walked_in_several_steps_or_split_finer(chunk, use_dot):
+    """Chunks other than the plan's: 16 keys (5 splits), 48 (a 32-key step then a masked one), 64 (two steps),
+    80 (tensor cores: two 32-key steps and a masked one)."""
+    _check(kernel_module("decode_attention"), torch.float32, 8, 2, 64, None, 40, chunk=chunk, use_dot=use_dot)
 
 
 def test_capped_split_count_grows_the_chunk(monkeypatch):
