@@ -138,8 +138,8 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
 
 
 @jit
-def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                     SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                     BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
     # the live splits are those with m > -inf (an empty one wrote -inf and no acc): no position to read first
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -231,6 +231,6 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
         num_warps=8 if use_dot and block_d >= 256 else 4)
     block_splits = next_pow2(splits)
     _decode_attention_combine_kernel[(b, h)](
-        m, l_sum, acc, out, D=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_SPLITS=block_splits,
+        m, l_sum, acc, out, splits, D=d, BLOCK_D=block_d, BLOCK_SPLITS=block_splits,
         BLOCK_S=max(1, min(block_splits, 4096 // block_d)), num_warps=4)
     return out
