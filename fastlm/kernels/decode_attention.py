@@ -113,6 +113,7 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
         offs = base + li[:, None].to(tl.int64) * stride_kl + di[None, :]
         kmask = l_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + offs, mask=kmask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=kmask, other=0.0).to(tl.float32)  # issued with k: one memory wait, not two
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [BLOCK_G, BLOCK_L]
         else:
@@ -123,7 +124,6 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if USE_DOT:  # fp32 weights: tf32 keeps 10 mantissa bits of p, and a 16-bit v exactly
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
@@ -140,7 +140,8 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
 @jit
 def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                      BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    # the live splits are those with m > -inf (an empty one wrote -inf and no acc): no position to read first
+    # the live splits are those with m > -inf (an empty one wrote -inf and no acc): no position to read first, and
+    # acc is loaded along with m (an empty split's stale acc is dropped by the where, NaN included)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * tl.num_programs(1) + h).to(tl.int64) * SPLITS
@@ -155,10 +156,10 @@ def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, D: 
     for first in range(0, SPLITS, BLOCK_S):
         sj = first + tl.arange(0, BLOCK_S)
         m_j = tl.load(m_ptr + row + sj, mask=sj < SPLITS, other=float("-inf"))
-        live = m_j > float("-inf")
-        acc = tl.load(acc_ptr + (row + sj[:, None]) * D + di[None, :], mask=live[:, None] & d_ok[None, :],
+        acc = tl.load(acc_ptr + (row + sj[:, None]) * D + di[None, :], mask=(sj < SPLITS)[:, None] & d_ok[None, :],
                       other=0.0)
-        total += tl.sum(tl.where(live, tl.exp(m_j - m_max), 0.0)[:, None] * acc, axis=0)
+        acc = tl.where((m_j > float("-inf"))[:, None], acc, 0.0)
+        total += tl.sum(tl.exp(m_j - m_max)[:, None] * acc, axis=0)  # exp(-inf) = 0 for the empty splits
     out = total / denom
     tl.store(out_ptr + b * (tl.num_programs(1) * D) + h * D + di, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
