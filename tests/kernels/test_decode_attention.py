@@ -3,17 +3,19 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, kernel_module
+from conftest import DEVICE, DTYPES, TOL, kernel_module
 
 from fastlm.kernels._triton import force_triton
 
 
 def _case(b, h, kv, d, length, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, 1, d, generator=g).to(dtype)
-    k = torch.randn(b + 1, kv, length, d, generator=g).to(dtype)  # one slot more than rows: rows read slots 0..b-1
-    v = torch.randn(b + 1, kv, length, d, generator=g).to(dtype)
-    return q, k, v
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU (same numbers on a GPU machine), then moved
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g, device="cpu").to(DEVICE, dtype)
+
+    # one cache slot more than rows: rows read slots 0..b-1
+    return draw(b, h, 1, d), draw(b + 1, kv, length, d), draw(b + 1, kv, length, d)
 
 
 # The cache holds L = 70 keys: split_plan gives chunks of 32 keys (3 splits, the last one 6 keys long). The rows sit
