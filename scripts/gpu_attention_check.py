@@ -19,14 +19,15 @@ at L-1. For each (model, L, batch) it captures
 Run on the GPU machine (one command; roughly 3-6 minutes, most of it inductor compiling 27 shapes):
 
     PYTHONPATH=. python scripts/gpu_attention_check.py [--models llama-3.2-1b] [--lengths 385,4096] [--batches 1]
-        [--sweep 32,64,128,256] [--no-compile]
+        [--sweep 32,64,128,256] [--no-compile] [--json-out $OUT/attention_check.json]
 
 Smoke-test the script on a CPU (Triton interpreter, fp16, cache lengths 40 and 100, a 24-key window for Gemma,
 wall-clock timing of single calls, about two minutes; the numbers mean nothing there):
 
     PYTHONPATH=. python scripts/gpu_attention_check.py --device cpu
 
-Prints one line per case as it goes, a table last, then one JSON line. Exit status 1 when any case fails its bound.
+Prints one line per case as it goes, a table last, then one compact JSON line (--json-out writes every timing of
+every row). Exit status 1 when any case fails its bound.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="batch sizes (default 1,8,64; cpu 1,3)")
     p.add_argument("--sweep", default=None,
                    help="chunk sizes to time besides the plan's (default 32,64,128,256; cpu 64; '' for none)")
+    p.add_argument("--json-out", default=None, help="also write every row in full (all timings) to this file")
     p.add_argument("--no-compile", action="store_true", help="time the products-and-sums reference eagerly "
                    "(it then holds [B, kv, G, L, D] fp32 products: small shapes only)")
     args = p.parse_args(argv)
@@ -197,7 +199,8 @@ def run_case(name, cfg, length, batch, args, timer):
                        rel_sum=err["sum"][1], rel_dot=err["dot"][1], rel_ref=err["ref"][1],
                        ok=max(err["sum"][0], err["dot"][0]) <= 2 * err["ref"][0] + 1e-3)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(f"{name} L={length} B={batch} pos={pos}: sum {us['sum']:.1f} us, dot {us['dot']:.1f} us, "
+                  f"ref {us['ref']:.1f} us, best {best} {options[best]:.1f} us, ok {row['ok']}", flush=True)
     return rows
 
 
@@ -214,14 +217,17 @@ def main() -> int:
                 rows.extend(run_case(name, MODELS[name], length, batch, args, timer))
                 if args.device == "cuda":
                     torch.cuda.empty_cache()  # the case's caches and graphs are gone: give their memory back
-    print(f"\nus per call; op = the op's default path ({rows[0]['default']}, chunk x splits as planned); "
-          "ref = inductor's products-and-sums; x = ref / op; GB/s = allowed K+V bytes / op time")
-    print(f"{'model':13} {'L':>6} {'B':>3} {'pos':>6} {'chunk x n':>10} {'sum':>8} {'dot':>8} {'ref':>8} {'x':>6} "
-          f"{'GB/s':>6} {'best':>9} {'us':>8} {'err sum':>8} {'err dot':>8} {'err ref':>8} ok")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\nus per call: sum / dot = the split kernel's two forms at the planned chunk (op = {rows[0]['default']});"
+          " ref = inductor's products-and-sums; x = ref / op; GB/s = the op's allowed K+V bytes / time")
+    print(f"{'model':12} {'L':>5} {'B':>2} {'pos':>5} {'chunk x n':>9} {'sum':>7} {'dot':>7} {'ref':>7} {'x':>5} "
+          f"{'GB/s':>5} {'best':>8} {'us':>7} {'err sum':>7} {'err dot':>7} {'err ref':>7} ok")
     for r in rows:
-        print(f"{r['model']:13} {r['L']:>6} {r['batch']:>3} {r['pos']:>6} {r['chunk']:>5} x {r['splits']:<3} "
-              f"{r['us_sum']:8.1f} {r['us_dot']:8.1f} {r['us_ref']:8.1f} {r['speedup']:6.2f} {r['gbps']:6.0f} "
-              f"{r['best']:>9} {r['us_best']:8.1f} {r['err_sum']:8.1e} {r['err_dot']:8.1e} {r['err_ref']:8.1e} "
+        print(f"{r['model']:12} {r['L']:>5} {r['batch']:>2} {r['pos']:>5} {r['chunk']:>4} x {r['splits']:<3} "
+              f"{r['us_sum']:7.1f} {r['us_dot']:7.1f} {r['us_ref']:7.1f} {r['speedup']:5.2f} {r['gbps']:5.0f} "
+              f"{r['best']:>8} {r['us_best']:7.1f} {r['err_sum']:7.1e} {r['err_dot']:7.1e} {r['err_ref']:7.1e} "
               f"{'yes' if r['ok'] else 'NO'}")
     ratios = sorted(r["us_dot"] / r["us_sum"] for r in rows)
     dot_wins = sum(x < 1 for x in ratios)
@@ -230,9 +236,14 @@ def main() -> int:
     ok = all(r["ok"] for r in rows)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     import triton
+    cols = ["model", "L", "batch", "pos", "chunk", "us_sum", "us_dot", "us_ref", "best", "us_best", "err_sum",
+            "err_dot", "err_ref"]  # short enough for a 12k-character output tail with the table (54 rows)
+    compact = [[float(f"{r[c]:.{2 if c.startswith('err') else 3}g}") if isinstance(r[c], float) else r[c]
+                for c in cols] for r in rows]
     print(json.dumps(dict(check="decode_attention", device=device, torch=torch.__version__,
-                          triton=triton.__version__, ok=ok, dot_wins=dot_wins, cases=len(rows),
-                          median_dot_over_sum=ratios[len(ratios) // 2], rows=rows)))
+                          triton=triton.__version__, ok=ok, failed=[i for i, r in enumerate(rows) if not r["ok"]],
+                          dot_wins=dot_wins, cases=len(rows), median_dot_over_sum=round(ratios[len(ratios) // 2], 3),
+                          cols=cols, rows=compact), separators=(",", ":")))
     return 0 if ok else 1
 
 
