@@ -330,9 +330,9 @@ class DecoderView:
         g = h // self.n_kv
         qg = q.reshape(b, self.n_kv, g * t, d)
         if t == 1 and compiling:
-            # compiled decode step (what the engine captures): products and sums, which inductor turns into two
-            # reduction kernels (measured on the H100 with this form: 1B LoRA batch 1 530 tokens/s, batch 64
-            # 16.6k); the Triton kernel inside the compiled step is not measured yet
+            # compiled decode step with compiled_attention "sum": products and sums over the whole static cache,
+            # which inductor turns into reduction kernels (the engine times this against the split-K op and keeps
+            # the faster, see Engine._pick_attention)
             scores = (qg.unsqueeze(-2).float() * k.unsqueeze(2).float()).sum(-1) * lv.scaling
         else:
             scores = torch.matmul(qg, k.transpose(-1, -2)) * lv.scaling  # [B, kv, g*T, L]
