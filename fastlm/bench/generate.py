@@ -173,8 +173,10 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     engine.warmup(batches)
     result["warmup_s"] = round(time.perf_counter() - start, 2)
+    result["decode_attention"] = engine.view.compiled_attention if engine.use_compile else "eager"
     print(f"compile + capture: {result['warmup_s']:.1f} s (batches {batches}, "
-          f"graphs={'on' if engine.use_graphs else 'off'}, compiled={engine.use_compile}, fused={engine.view.fused})")
+          f"graphs={'on' if engine.use_graphs else 'off'}, compiled={engine.use_compile}, fused={engine.view.fused}, "
+          f"attention={result['decode_attention']})")
     for b in batches:
         rows = prompts[:b].tolist()
         engine_run(engine, rows, min(8, args.new_tokens), device)  # warm the prefill shapes
