@@ -284,19 +284,9 @@ def fused_lora_qkv(x: torch.Tensor, bases, adapters):
     return LoRAQKVFunction.apply(x, tuple(bases), tuple(float(a.scale) for a in adapters), *flat)
 
 
-def _row_chunks(g: torch.Tensor) -> list[slice]:
-    """Row ranges of the MLP's [tokens, intermediate] tensors, each at most MLP_CHUNK_BYTES (at least one row)."""
-    n = g.shape[0]
-    rows = max(1, MLP_CHUNK_BYTES // max(1, g.shape[1] * g.element_size()))
-    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
-
-
-# h = act(g) * u and dL/dh are made in row chunks of at most this many bytes: beside the saved g and u only one chunk
-# lives, not a third [tokens, intermediate] tensor (128 MiB at Llama-3.2-1B, 4 x 2048 tokens; 4 chunks of 32 MiB)
-MLP_CHUNK_BYTES = 32 * 2 ** 20
-# The MLP backward writes dg and du over its saved g and u: it holds those two [tokens, intermediate] tensors and
-# one chunk instead of four whole ones, the largest buffers of a layer's backward. The graph's backward can then
-# run once; set False before the forward for a second one (retain_graph=True, gradcheck).
+# The MLP backward writes dg and du over its saved g and u: it then holds two [tokens, intermediate] tensors
+# instead of four, the largest ones of a layer's backward (at Llama-3.2-1B, 4 x 2048 tokens: 268 MB less). The
+# graph's backward can then run once; set False before the forward for a second one (retain_graph=True, gradcheck).
 OVERWRITE_SAVED = True
 
 
@@ -316,14 +306,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             xa = xc @ torch.cat((Ag_c, Au_c), dim=0).t()
             g = _project(xc, gate, xa[:, :rg], Bg_c, scales[0])
             u = _project(xc, up, xa[:, rg:], Bu_c, scales[1])
-            # h = act(g) * u and the down projection in row chunks: one chunk of h lives at a time beside g and u
-            ha = xc.new_empty(xc.shape[0], Ad_c.shape[0])
-            out = xc.new_empty(xc.shape[0], Bd_c.shape[0])
-            for rows in _row_chunks(g):
-                h = act_mul(g[rows], u[rows], activation)
-                torch.mm(h, Ad_c.t(), out=ha[rows])
-                out[rows] = _project(h, down, ha[rows], Bd_c, scales[2])
-                del h
+            h = act_mul(g, u, activation)
+            ha = h @ Ad_c.t()
+            out = _project(h, down, ha, Bd_c, scales[2])
         ctx.bases, ctx.scales, ctx.activation, ctx.x_dtype = bases, scales, activation, x.dtype
         ctx.overwrite, ctx.spent = OVERWRITE_SAVED, False
         ctx.save_for_backward(xc, xa, g, u, ha, Ag, Bg, Au, Bu, Ad, Bd)
@@ -345,23 +330,15 @@ class LoRAMLPFunction(torch.autograd.Function):
             go = _flat(grad).to(cdtype)
             gb = (go @ Bd_c).mul_(s_d)  # s·G·B_d, (N, r_d)
             dBd = (go.t() @ ha).mul_(s_d) if need[9] else None
-            dAd = torch.zeros(Ad_c.shape, dtype=torch.float32, device=Ad_c.device) if need[8] else None
+            h = act_mul(g, u, ctx.activation) if need[8] else torch.empty_like(g)
+            dAd = gb.t() @ h if need[8] else None
             wd = down.dense(cdtype)
-            chunks = _row_chunks(g)
-            dg, du = (g, u) if ctx.overwrite else (torch.empty_like(g), torch.empty_like(u))
-            for rows in chunks:  # as in the forward: one row chunk of h / dL/dh at a time
-                g_c, u_c = g[rows], u[rows]
-                if need[8]:
-                    dAd += (gb[rows].t() @ act_mul(g_c, u_c, ctx.activation)).float()
-                dh = torch.mm(go[rows], wd)
-                dh.addmm_(gb[rows], Ad_c)
-                dg_c, du_c = act_mul_backward(g_c.contiguous(), u_c.contiguous(), dh, ctx.activation,
-                                              overwrite=ctx.overwrite)
-                if not ctx.overwrite:  # else they are already there
-                    dg[rows], du[rows] = dg_c, du_c
-                del dh, dg_c, du_c
+            dh = torch.mm(go, wd, out=h)  # h is dead: its buffer takes dL/dh
+            del wd, h
+            dh.addmm_(gb, Ad_c)
+            dg, du = act_mul_backward(g, u, dh, ctx.activation, overwrite=ctx.overwrite)
             ctx.spent = ctx.overwrite
-            del wd, g, u
+            del dh, g, u
             dx, (dAg, dAu), (dBg, dBu) = _shared_input_backward(
                 xc, xa, [dg, du], [gate, up], [Ag_c, Au_c], [Bg_c, Bu_c], [s_g, s_u], need[0],
                 [need[4], need[6]], [need[5], need[7]])

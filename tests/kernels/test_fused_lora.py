@@ -144,15 +144,9 @@ MLP_CASES = [(torch.float32, False, "silu"), (torch.float32, False, "gelu"), (to
              (torch.float16, False, "silu"), (torch.float32, True, "silu"), (torch.float16, True, "gelu_tanh")]
 
 
-@pytest.mark.parametrize("dtype,quant,act,chunked", [c + (False,) for c in MLP_CASES] +
-                         [(torch.float32, False, "silu", True), (torch.float16, True, "gelu_tanh", True)])
-def test_mlp_matches_peft(dtype, quant, act, chunked, monkeypatch):
-    """Also with h = act(g) * u made in row chunks (5 rows a chunk for 18 tokens)."""
-    from fastlm.kernels import lora
+@pytest.mark.parametrize("dtype,quant,act", MLP_CASES)
+def test_mlp_matches_peft(dtype, quant, act):
     from fastlm.kernels.lora import fused_lora_mlp
-
-    if chunked:
-        monkeypatch.setattr(lora, "MLP_CHUNK_BYTES", 5 * I * torch.finfo(dtype).bits // 8)
 
     block = peft_block(dtype, quant, act=act)
     mlp = block.mlp
@@ -192,17 +186,14 @@ def test_mlp_backward_twice_either_raises_naming_the_fix_or_repeats(overwrite, m
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("act, chunk_bytes", [("silu", None), ("gelu", None), ("gelu_tanh", None), ("silu", 160)])
-def test_mlp_gradcheck_fp64(act, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_mlp_gradcheck_fp64(act, monkeypatch):
     """The hand-derived backward equals the numerical derivative (fp64), through the reference's forward
-    (gradcheck backpropagates each graph many times: the saved activations are kept); also with h made in row
-    chunks (160 bytes: 2 rows of 10 fp64 a chunk, the last one shorter)."""
+    (gradcheck backpropagates each graph many times: the saved activations are kept)."""
     from fastlm.kernels import lora
     from fastlm.kernels.lora import Adapter, BaseWeight, fused_lora_mlp
 
     monkeypatch.setattr(lora, "OVERWRITE_SAVED", False)
-    if chunk_bytes:
-        monkeypatch.setattr(lora, "MLP_CHUNK_BYTES", chunk_bytes)
 
     torch.manual_seed(0)
     ws = [(torch.randn(o, i, dtype=torch.float64) / i ** 0.5, torch.randn(o, dtype=torch.float64))
@@ -241,14 +232,10 @@ def test_qkv_gradcheck_fp64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-@pytest.mark.parametrize("chunked", [False, True])
-def test_triton_mlp_matches_reference(act, dtype, chunked, monkeypatch):
-    """The MLP function with its Triton activation kernels (interpreter) vs the autograd reference; chunked: h made
-    16 rows at a time (111 rows: the last chunk 15)."""
+def test_triton_mlp_matches_reference(act, dtype):
+    """The MLP function with its Triton activation kernels (interpreter) vs the autograd reference."""
     pytest.importorskip("triton")
     mod = lora_module()
-    if chunked:
-        monkeypatch.setattr(mod, "MLP_CHUNK_BYTES", 16 * I * torch.finfo(dtype).bits // 8)
     torch.manual_seed(0)
     ws = [(torch.randn(o, i) / i ** 0.5).to(dtype) for i, o in ((H, I), (H, I), (I, H))]
     x = torch.randn(3, 37, H).to(dtype)  # 3 * 37 * 80 elements: not a multiple of the kernels' block
