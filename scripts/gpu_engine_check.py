@@ -2,8 +2,9 @@
 
 For each shape (LoRA attached where marked): teacher-forced parity with transformers (the engine decodes HF's own
 greedy tokens; argmax agreement and the largest logit difference per step), the CUDA-graph step against the eager
-step (capture correctness), free-running greedy through the engine-backed `generate` vs HF (common prefix per
-row of a left-padded batch), continuous batching vs one-by-one, and batch-1 decode speed. Prints a table, then one
+step and the batch-8 step against batch-1 steps (both teacher-forced on the same tokens, so random weights'
+near-ties cannot make them diverge), free-running greedy through the engine-backed `generate` vs HF (common prefix
+per row of a left-padded batch; informative only, near-ties flip), and batch-1 decode speed. Prints a table, then one
 JSON line last. Every check is caught and reported, so one failure does not cost the rest of the run.
 
     python scripts/gpu_engine_check.py                       # default shapes
@@ -63,21 +64,25 @@ def teacher_forced(model, engine, prompt, steps):
 
 
 def graph_vs_eager(model, prompt, steps, device):
-    """The same greedy decode through the captured step and through the plain eager step."""
+    """The eager step's greedy decode, then the captured step teacher-forced on the same tokens:
+    -> (argmax agreement, max |logit diff|). Same inputs, so a near-tie cannot make the two runs diverge."""
     runs = []
-    for graphs in (True, False):
+    tokens = None
+    for graphs in (False, True):
         eng = Engine(model, max_slots=1, max_len=prompt.shape[1] + steps + 1, cuda_graphs=graphs, compile=graphs)
-        lg = eng.prefill([0], [prompt[0].tolist()])
-        tok, toks, logits = lg.argmax(-1), [], []
+        tok = eng.prefill([0], [prompt[0].tolist()]).argmax(-1)
+        toks, logits = [], []
         for i in range(steps):
-            toks.append(int(tok))
+            tok = tok if tokens is None else tokens[i:i + 1]
+            toks.append(tok)
             out = eng.decode(tok, torch.tensor([prompt.shape[1] + i], device=device))
             logits.append(out[0].clone())
             tok = out.argmax(-1)
-        runs.append((toks, torch.stack(logits)))
+        tokens = torch.cat(toks) if tokens is None else tokens
+        runs.append(torch.stack(logits))
         del eng
-    same = sum(1 for a, b in zip(runs[0][0], runs[1][0]) if a == b) / steps
-    return same, (runs[0][1] - runs[1][1]).abs().max().item()
+    same = (runs[0].argmax(-1) == runs[1].argmax(-1)).float().mean().item()
+    return same, (runs[0] - runs[1]).abs().max().item()
 
 
 def free_running(model, tokenizer_pad, device, steps):
@@ -103,20 +108,32 @@ def free_running(model, tokenizer_pad, device, steps):
 
 
 def batching_equals_alone(engine, vocab, device, steps):
+    """Five prompts each decoded alone (greedy, batch 1), then together in the batch-8 bucket teacher-forced on
+    the alone runs' tokens: -> (requests whose every step's argmax agrees, requests, max |logit diff|)."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 31, 12, 20, 7)]
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-    sched = Scheduler(engine)
-    for i, p in enumerate(prompts):
-        sched.add(Request(p, params, tag=i))
-    together = {r.request.tag: r.token_ids for r in sched.run_all()}
-    same = 0
-    for i, p in enumerate(prompts):
-        s = Scheduler(engine)
-        s.add(Request(p, params))
-        alone = s.run_all()[0].token_ids
-        same += int(alone == together[i])
-    return same, len(prompts)
+    alone_toks, alone_logits = [], []
+    for p in prompts:
+        tok = engine.prefill([0], [p]).argmax(-1)
+        toks, logits = [], []
+        for i in range(steps):
+            toks.append(int(tok))
+            out = engine.decode(tok, torch.tensor([len(p) + i], device=device))
+            logits.append(out[0].clone())
+            tok = out.argmax(-1)
+        alone_toks.append(toks)
+        alone_logits.append(torch.stack(logits))
+    engine.prefill(list(range(len(prompts))), prompts)
+    pad = engine.bucket(len(prompts)) - len(prompts)
+    together = []
+    for i in range(steps):
+        tok = torch.tensor([t[i] for t in alone_toks] + [0] * pad, device=device)
+        pos = torch.tensor([len(p) + i for p in prompts] + [0] * pad, device=device)
+        together.append(engine.decode(tok, pos)[:len(prompts)].clone())
+    together = torch.stack(together, 1)  # [requests, steps, V]
+    ours = torch.stack(alone_logits)
+    agree = (together.argmax(-1) == ours.argmax(-1)).all(-1).sum().item()
+    return int(agree), len(prompts), (together - ours).abs().max().item()
 
 
 def speed(engine, vocab, device, prompt_len, new_tokens):
@@ -175,7 +192,7 @@ def check_shape(name, device, dtype, steps):
     except Exception as exc:  # noqa: BLE001
         row["engine_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         traceback.print_exc()
-    del engine, model
+    engine = model = None  # drop this shape before the next
     torch._dynamo.reset()  # drop this shape's compiled graphs before the next shape
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -188,10 +205,17 @@ def verdict(row, steps) -> bool:
     # argmax agreement with HF's bf16 run, or (random weights have near-ties) an error against the fp32 model no
     # larger than HF's own bf16 error
     ok = isinstance(tf, tuple) and (tf[0] >= 0.9 or tf[3] <= 1.5 * tf[4])
-    ok &= isinstance(ge, tuple) and ge[0] >= 0.9
+    bf16_err = tf[4] if isinstance(tf, tuple) else 0.0
+    # graph vs eager and batched vs alone see the same inputs: argmax agreement, or logits that differ by no more
+    # than HF's own bf16 error (a near-tie may still flip)
+    ok &= isinstance(ge, tuple) and (ge[0] >= 0.9 or ge[1] <= 1.5 * bf16_err)
     be = row.get("batching_equals_alone")
-    ok &= isinstance(be, tuple) and be[0] >= be[1] - 1
+    ok &= isinstance(be, tuple) and (be[0] >= be[1] - 1 or be[2] <= 1.5 * bf16_err)
     return bool(ok)
+
+
+def _batch_cell(be) -> str:
+    return f"{be[0]}/{be[1]} ({be[2]:.3f})" if isinstance(be, tuple) else str(be or "-")[:18]
 
 
 def main(argv=None):
@@ -213,8 +237,8 @@ def main(argv=None):
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
-    print("\nshape               lora  tf-agree  tf-maxdiff  err-vs-fp32(ours/hf)  graph=eager  free-prefix      "
-          "batch=alone  tok/s(b1)  GB/s   warmup  ok")
+    print("\nshape               lora  tf-agree  tf-maxdiff  err-vs-fp32(ours/hf)  graph=eager(diff)  free-prefix      "
+          "batch=alone(diff)   tok/s(b1)  GB/s   warmup  ok")
     for r in rows:
         tf = r.get("teacher_forced")
         ge = r.get("graph_vs_eager")
@@ -222,8 +246,8 @@ def main(argv=None):
               f"{(f'{tf[0]:.2f}' if isinstance(tf, tuple) else 'ERR'):>8}  "
               f"{(f'{tf[1]:.3f}' if isinstance(tf, tuple) else '-'):>10}  "
               f"{(f'{tf[3]:.3f}/{tf[4]:.3f}' if isinstance(tf, tuple) else '-'):>20}  "
-              f"{(f'{ge[0]:.2f}' if isinstance(ge, tuple) else 'ERR'):>11}  "
-              f"{str(r.get('free_running_prefix', '-'))[:15]:<15}  {str(r.get('batching_equals_alone', '-')):<11}  "
+              f"{(f'{ge[0]:.2f} ({ge[1]:.3f})' if isinstance(ge, tuple) else 'ERR'):>17}  "
+              f"{str(r.get('free_running_prefix', '-'))[:15]:<15}  {_batch_cell(r.get('batching_equals_alone')):<18}  "
               f"{r.get('tok_s_b1', '-'):>9}  {r.get('gbps_b1', '-'):>5}  {r.get('warmup_s', '-'):>6}  {r['ok']}")
     summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                "all_ok": all(r["ok"] for r in rows), "rows": rows}
