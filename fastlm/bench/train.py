@@ -220,8 +220,8 @@ def compare_losses(hf: dict, fast: dict, last_k: int, rtol: float) -> dict:
 def _side_summary(record: dict, last_k: int) -> dict:
     losses = record.get("losses") or []
     k = min(last_k, len(losses))
-    keys = ("status", "tokens_per_s", "peak_gb", "step_ms_median", "step_ms_p20", "step_ms_p80", "load_s",
-            "trainable_parameters", "layout", "error")
+    keys = ("status", "tokens_per_s", "peak_gb", "load_peak_gb", "step_ms_median", "step_ms_p20", "step_ms_p80",
+            "load_s", "trainable_parameters", "layout", "error")
     out = {key: record.get(key) for key in keys if record.get(key) is not None}
     out["losses"] = [round(x, 6) for x in losses]
     if k:

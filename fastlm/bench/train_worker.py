@@ -163,6 +163,9 @@ def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: in
             model = load_fastlm(model_dir, bits, rank, seed, dtype, seq_len, offload_embedding)
         _sync(device)
         record["load_s"] = round(time.perf_counter() - t0, 2)
+        # the process peak so far: loading alone (peak_gb, the whole process, is at least this), which tells
+        # whether a side's peak comes from training at all
+        record["load_peak_gb"] = round(_peak_gb(device), 3)
         vocab = model.get_input_embeddings().weight.shape[0]
         params = [p for p in model.parameters() if p.requires_grad]
         record["trainable_parameters"] = sum(p.numel() for p in params)

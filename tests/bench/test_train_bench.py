@@ -34,6 +34,8 @@ def test_cpu_run_end_to_end_padding_free_both_sides_agree():
     # a random 512-token model starts near ln(512) = 6.24
     assert 5.5 < result["fastlm"]["loss_final"] < 7.0
     assert result["hf"]["tokens_per_s"] > 0 and result["fastlm"]["peak_gb"] > 0
+    for side in ("hf", "fastlm"):  # the peak after loading alone, which the whole run's peak includes
+        assert 0 < result[side]["load_peak_gb"] <= result[side]["peak_gb"]
     assert result["speed_ratio"] > 0 and result["memory_ratio"] > 0
     assert "losses agree" in proc.stdout and proc.stdout.index("hf ") < proc.stdout.index("{")
 
