@@ -210,6 +210,12 @@ def block_sizes(g: int, d: int, use_dot: bool) -> tuple[int, int, int]:
     return block_g, block_d, max(16, min(32, PRODUCT_ELEMENTS // (block_g * block_d)))
 
 
+def _dot_ok(q: torch.Tensor) -> bool:
+    """The tensor-core form on CPU (the interpreter) and on GPUs with bf16 tensor cores (compute capability 8.0 and
+    up); older GPUs (e.g. a T4) take the products form, which computes in fp32 registers."""
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
 def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int | None = None,
             use_dot: bool | None = None):
     """The two launches. `chunk` overrides split_plan's chunk (tests, and the GPU script's sweep); BLOCK_L is then
@@ -220,7 +226,7 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
     b, h, t, d = q.shape
     kv, length = k_cache.shape[1], k_cache.shape[2]
     g = h // kv
-    use_dot = TENSOR_CORES if use_dot is None else use_dot
+    use_dot = (TENSOR_CORES and _dot_ok(q)) if use_dot is None else use_dot
     block_g, block_d, block_l = block_sizes(g, d, use_dot)
     chunk, splits, block_l = (split_plan(length, window, block_l) if chunk is None else
                               (chunk, _cdiv(max(1, min(length, window or length)), chunk), min(block_l, chunk)))

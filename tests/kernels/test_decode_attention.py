@@ -126,3 +126,15 @@ def test_decode_attention_under_torch_compile_is_the_same_launch():
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(eager, mod.decode_attention_reference(q, k, v, positions, 0.125, None, 16),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_gpus_without_bf16_tensor_cores_take_the_products_form(monkeypatch):
+    """The tensor-core form needs compute capability 8.0 (bf16 MMA); a T4-class GPU gets the products form."""
+    from fastlm.kernels import decode_attention as da
+
+    q = torch.zeros(1)
+    assert da._dot_ok(q)  # CPU: the interpreter runs both forms
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert da._dot_ok(q) is expected
