@@ -82,7 +82,7 @@ class Engine:
         self.adapter_key = adapter_state_key(model)
         self.vocab_size = base.config.vocab_size
         self._graphs: dict[int, tuple] = {}
-        self._attention: dict[int, str] = {}  # bucket -> the compiled attention form its graphs were captured with
+        self._attention_picked = False  # "auto": the first captured bucket chose view.compiled_attention for all
         self._compiled = None
         self.warmup_seconds = 0.0
 
@@ -157,7 +157,6 @@ class Engine:
         capture failed: the caller keeps decoding uncaptured; reported once)."""
         if not self.use_graphs or (b not in self._graphs and self._capture(b) is None):
             return None
-        self.view.compiled_attention = self._attention.get(b, self.view.compiled_attention)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
@@ -196,7 +195,7 @@ class Engine:
         start = time.perf_counter()
         tok = torch.zeros(b, dtype=torch.long, device=self.device)
         pos = torch.zeros(b, dtype=torch.long, device=self.device)
-        if decoder.COMPILED_DECODE_ATTENTION == "auto" and not self._attention:
+        if decoder.COMPILED_DECODE_ATTENTION == "auto" and not self._attention_picked:
             self.view.compiled_attention = "sum"  # the first bucket starts from products and sums (_pick_attention)
         fn = self._step_fn()
         try:
@@ -233,10 +232,9 @@ class Engine:
         from . import decoder
 
         view = self.view
-        if decoder.COMPILED_DECODE_ATTENTION != "auto" or self._attention or view.compiled_attention != "sum":
-            self._attention[b] = view.compiled_attention
+        if decoder.COMPILED_DECODE_ATTENTION != "auto" or self._attention_picked or view.compiled_attention != "sum":
             return first
-        self._attention[b] = "sum"
+        self._attention_picked = True
         try:
             t_sum = self._replay_ms(first, b)
             view.compiled_attention = "kernel"
@@ -249,7 +247,7 @@ class Engine:
         choice = "kernel" if t_kernel < t_sum else "sum"
         logger.debug("fastlm engine: decode attention %s (%.3f ms vs %.3f ms at position %d)", choice,
                      min(t_kernel, t_sum), max(t_kernel, t_sum), self.max_len // 2)
-        view.compiled_attention = self._attention[b] = choice
+        view.compiled_attention = choice
         return other if choice == "kernel" else first
 
     def _replay_ms(self, captured, b: int, reps: int = 10) -> float:

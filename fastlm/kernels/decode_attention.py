@@ -15,9 +15,9 @@ split that starts at or past hi writes the empty partial (m = -inf, l = 0, no ac
 program per (row, query head), rescales the live partials (m > -inf) by exp(m_s - max m) and writes
 sum(acc) / sum(l) in q's dtype, the heads side by side, ready for the o projection.
 
-The split kernel has two forms: products and sums in fp32 on CUDA cores (the default), or with TENSOR_CORES tl.dot
-with the G heads padded to 16 rows (q.k in the cache dtype with fp32 sums, p.v in tf32; ieee fp32 for fp32 caches).
-scripts/gpu_attention_check.py times both.
+The split kernel has two forms: with TENSOR_CORES (the default where bf16 tensor cores exist) tl.dot with the G
+heads padded to 16 rows (q.k in the cache dtype with fp32 sums, p.v in tf32; ieee fp32 for fp32 caches), else
+products and sums in fp32 on CUDA cores. scripts/gpu_attention_check.py times both.
 
 The positions are read on the device only: CHUNK and the number of splits depend on the cache length and the
 window (host constants), so one launch can be captured in a CUDA graph and replayed at any position.
@@ -65,15 +65,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_plan(length: int, window: int | None, block_l: int) -> tuple[int, int, int]:
+def split_plan(length: int, window: int | None, block_l: int, chunk: int | None = None) -> tuple[int, int, int]:
     """(CHUNK, SPLITS, BLOCK_L) for a cache of `length` keys: enough splits of CHUNK keys to cover the longest
     allowed range, min(length, window) keys. Short spans use chunks of 32 keys (a decode at batch 1 has few programs
     otherwise: Llama-3.2-1B at position 128 runs 8 kv heads x 5 live splits of 32 keys, 3 of 64), longer ones 64
     (fewer partials to write and combine); past MAX_SPLITS splits the chunk grows instead, rounded up to whole
     steps of BLOCK_L keys (`block_l`, lowered to the chunk when it is longer). Examples at BLOCK_L 32: L 385 ->
     13 x 32; L 4096 -> 64 x 64; L 32768 -> 128 x 256; L 32768 with a 4096 window -> 64 x 64. The positions play
-    no part: the plan holds for every step a CUDA graph replays."""
+    no part: the plan holds for every step a CUDA graph replays. A given `chunk` is taken as it is (tests, and
+    the GPU script's sweep)."""
     span = max(1, min(length, window or length))
+    if chunk is not None:
+        return chunk, _cdiv(span, chunk), min(block_l, chunk)
     chunk = 32 if span <= SMALL_SPAN else 64
     block_l = min(block_l, chunk)
     if _cdiv(span, chunk) > MAX_SPLITS:
@@ -228,8 +231,7 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
     g = h // kv
     use_dot = (TENSOR_CORES and _dot_ok(q)) if use_dot is None else use_dot
     block_g, block_d, block_l = block_sizes(g, d, use_dot)
-    chunk, splits, block_l = (split_plan(length, window, block_l) if chunk is None else
-                              (chunk, _cdiv(max(1, min(length, window or length)), chunk), min(block_l, chunk)))
+    chunk, splits, block_l = split_plan(length, window, block_l, chunk)
     if use_dot:
         block_l = max(16, block_l)  # the smallest dot; a shorter chunk ends on masked keys
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)

@@ -119,8 +119,8 @@ def _fits(k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
 
 def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1,
                     packed: torch.Tensor | None = None) -> tuple | None:
-    """The fastest (BLOCK_N, BLOCK_K, num_warps, PREFETCH) for this shape, timed once on the device (a few ms per config)
-    and remembered; a fixed config under the interpreter; None when the kernel cannot read these bytes (see
+    """The fastest (BLOCK_N, BLOCK_K, num_warps, PREFETCH) for this shape, timed once on the device (a few ms per
+    config) and remembered; a fixed config under the interpreter; None when the kernel cannot read these bytes (see
     _fits). Call it outside torch.compile."""
     if not _fits(k, blocksize, packed):
         return None

@@ -150,7 +150,7 @@ def test_the_first_bucket_picks_the_faster_compiled_attention_for_all(tiny_model
     kept = eng._pick_attention(2, zeros, zeros, ("graph-sum", None, None, None))
     assert captures == ["kernel"]  # the second capture is made with the kernel op
     assert kept[0] == f"graph-{expected}"
-    assert eng._attention[2] == expected and eng.view.compiled_attention == expected
+    assert eng.view.compiled_attention == expected
     first = (f"graph-{expected}", None, None, None)
     assert eng._pick_attention(4, zeros, zeros, first) is first and captures == ["kernel"]
-    assert eng._attention[4] == expected
+    assert eng.view.compiled_attention == expected
