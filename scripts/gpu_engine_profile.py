@@ -37,6 +37,9 @@ def replay_ms(engine, n=200):
     return (time.perf_counter() - t) / n * 1e3
 
 
+SEQUENCE = 0  # --sequence N: print the first N kernels of one step in order
+
+
 def kernel_profile(engine, reps=10, top=12):
     from torch.profiler import ProfilerActivity, profile
 
@@ -50,6 +53,13 @@ def kernel_profile(engine, reps=10, top=12):
         for _ in range(reps):
             fn(tok, pos)
         torch.cuda.synchronize()
+    seq = [(e.name[:90], e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+           for e in prof.events() if e.device_type.name == "CUDA"]
+    if SEQUENCE:  # one step's kernels in launch order: what one layer launches, and how long each takes
+        step = len(seq) // reps
+        print(f"    one step, {step} kernels in order (us):")
+        for name, us in seq[:min(step, SEQUENCE)]:
+            print(f"      {us:7.1f}  {name}")
     by = defaultdict(lambda: [0, 0.0])
     for e in prof.events():
         if e.device_type.name != "CUDA":
@@ -114,7 +124,11 @@ def main():
     ap.add_argument("--shape", default="llama-3.2-1b")
     ap.add_argument("--cases", default="lora16,lora0,nf4")
     ap.add_argument("--no-nf4-sweep", action="store_true")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per case, by summed time")
+    ap.add_argument("--sequence", type=int, default=0, help="print the first N kernels of one step in order")
     args = ap.parse_args()
+    global SEQUENCE
+    SEQUENCE = args.sequence
     bw = copy_bandwidth_gbps("cuda")
     out = dict(copy_gbps=round(bw, 1), cases=[])
     table = []
@@ -136,7 +150,7 @@ def main():
         prompt = torch.randint(3, 1000, (1, 128)).tolist()
         engine_run(engine, prompt, 8, "cuda")
         tps, _, _ = engine_run(engine, prompt, 256, "cuda")
-        count, total_us, tops = kernel_profile(engine)
+        count, total_us, tops = kernel_profile(engine, top=args.top)
         floor_ms = wb / (bw * 1e9) * 1e3
         row = dict(case=case + ("+" + variant if variant else ""), weight_gb=round(wb / 1e9, 3), warmup_s=round(warm, 1), replay_ms=round(rep, 3),
                    loop_tok_s=round(tps, 1), loop_ms=round(1e3 / tps, 3), kernels=count,

@@ -14,7 +14,7 @@ for s in $steps; do
     bench4) timeout 240 python3 -m fastlm.bench.generate --shape llama-3.2-1b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 32 > "$OUT/bench1b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench1b4.txt" | tee -a "$OUT/summary.txt" ;;
     bench8b4) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.1-8b --lora-rank 0 --load-in-4bit --batches 1 --hf-new-tokens 16 > "$OUT/bench8b4.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench8b4.txt" | tee -a "$OUT/summary.txt" ;;
     bench8b) timeout 300 python3 -m fastlm.bench.generate --shape llama-3.1-8b --lora-rank 0 --batches 1 --hf-new-tokens 16 > "$OUT/bench8b.txt" 2>&1; grep -E "tokens/s|compile|^\{" "$OUT/bench8b.txt" | tee -a "$OUT/summary.txt" ;;
-    profile) timeout 300 python3 scripts/gpu_engine_profile.py --cases lora16,lora16+kernel,lora16+auto,nf4 --no-nf4-sweep > "$OUT/profile.txt" 2>&1; tail -5 "$OUT/profile.txt" | head -4 | tee -a "$OUT/summary.txt" ;;
+    profile) timeout 300 python3 scripts/gpu_engine_profile.py ${PROFILE_ARGS:---cases lora16,lora16+kernel,lora16+auto,nf4 --no-nf4-sweep} > "$OUT/profile.txt" 2>&1; tail -5 "$OUT/profile.txt" | head -4 | tee -a "$OUT/summary.txt" ;;
     grpo) timeout 240 python3 scripts/gpu_grpo_generation_check.py > "$OUT/grpo.txt" 2>&1; tail -6 "$OUT/grpo.txt" | tee -a "$OUT/summary.txt" ;;
     export) timeout 300 python3 scripts/gpu_export_check.py > "$OUT/export.txt" 2>&1; tail -8 "$OUT/export.txt" | tee -a "$OUT/summary.txt" ;;
     mlp) timeout 240 python3 scripts/gpu_kernel_check.py --ops mlp_full_ft_llama,mlp_full_ft_gemma2 > "$OUT/mlp.txt" 2>&1; tail -6 "$OUT/mlp.txt" | tee -a "$OUT/summary.txt" ;;
