@@ -26,10 +26,13 @@ from torch import nn
 
 from ..kernels._triton import use_triton
 from ..kernels.decode_attention import decode_attention
+from ..kernels.decode_epilogue import lora_act_mul, lora_residual_norm, qkv_rope_cache
 from ..kernels.reference import rotate_half
 
 
 NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
+# decode batches up to this size run the fused epilogue kernels (each row program re-reads the adapters' B)
+EPILOGUE_MAX_ROWS = 4
 # the compiled decode step's attention: "sum" (products and sums, measured on the H100), "kernel" (the Triton
 # decode-attention custom op) or "auto" (the engine captures each batch bucket both ways on the GPU and keeps the
 # faster replay; scripts/gpu_engine_profile.py compares them)
@@ -149,6 +152,7 @@ class Projection:
             else:
                 self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
             self.lora_b = torch.zeros(start, rank, dtype=a0.dtype, device=a0.device)
+            self.lora_bt = torch.zeros(rank, start, dtype=a0.dtype, device=a0.device)  # B^T for the epilogues
             self.refresh_adapters()
         self.kind = kind
         self.fused = True
@@ -161,6 +165,7 @@ class Projection:
             self.lora_a[r0:r1].copy_(a)
             self.lora_b[start:stop, r0:r1].copy_(b * s)
             r0 = r1
+        self.lora_bt.copy_(self.lora_b.t())
 
     def _module_outputs(self, x):
         outs = [m(x) for m in self.modules]
@@ -168,13 +173,13 @@ class Projection:
             return outs
         return list(torch.split(outs[0], self.sizes, dim=-1))
 
-    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not self.fused:
-            return self._module_outputs(x)
+    def _modules_only(self, x) -> bool:
+        return not self.fused or (self.kind == "nf4" and x.numel() // x.shape[-1] > NF4_MAX_ROWS)
+
+    def _base(self, x):
+        """(the base product, with A's rows as its last columns where the weight holds them; x A^T or None)."""
         if self.kind == "nf4":
             rows = x.numel() // x.shape[-1]
-            if rows > NF4_MAX_ROWS:
-                return self._module_outputs(x)
             from ..kernels.decode_nf4 import nf4_gemv
 
             y = nf4_gemv(x.reshape(rows, self.k), self.packed, self.absmax, self.code, self.n, self.k,
@@ -184,12 +189,29 @@ class Projection:
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.a_rows:  # the last rows of the GEMV are x A^T
-            y, xa = y[..., :self.n_out], y[..., self.n_out:]
-        elif self.lora:
-            xa = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+            return y, y[..., self.n_out:]
+        if self.lora:
+            return y, F.linear(x.to(self.lora_a.dtype), self.lora_a)
+        return y, None
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._modules_only(x):
+            return self._module_outputs(x)
+        y, xa = self._base(x)
+        y = y[..., :self.n_out] if self.a_rows else y
         if self.lora:
             y = y + _lora_up(xa.to(self.lora_b.dtype), self.lora_b).to(y.dtype)
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+    def raw(self, x: torch.Tensor):
+        """For the decode epilogue kernels, x [rows, K] -> (y [rows, >= N], xa [rows, R] or None, B^T [R, N] or
+        None): the outputs side by side in y's first N columns, still without the adapters' term xa @ B^T, which
+        the epilogue adds (the modules' own outputs, adapters included, where the weights are not fused)."""
+        if self._modules_only(x):
+            outs = self._module_outputs(x)
+            return (torch.cat(outs, -1) if len(outs) > 1 else outs[0]), None, None
+        y, xa = self._base(x)
+        return y, xa, (self.lora_bt if self.lora else None)
 
 
 def _lora_up(xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,6 +250,30 @@ class LayerView:
     window: int | None
     softcap: float | None
     rope_key: str
+    epilogue: "Epilogue | None" = None  # set where the fused decode epilogues can compute this layer
+
+
+@dataclass
+class Epilogue:
+    """What the decode epilogue kernels need of a layer beyond its projections."""
+    norm_weight: torch.Tensor  # post-attention RMSNorm
+    eps: float
+    gemma: bool  # (1 + w) norm computed in fp32
+    act: int  # decode_epilogue.ACTIVATIONS code
+
+
+def _epilogue(lv: LayerView, module_norm: nn.Module, arch, rot_dim: int, head_dim: int) -> Epilogue | None:
+    """The layer's Epilogue, or None where the fused kernels do not compute what the layer does: q/k-norm, partial
+    rotary, sandwich norms, an activation they lack, a norm without a weight."""
+    from ..kernels.decode_epilogue import ACTIVATIONS
+
+    if arch is None or lv.q_norm is not None or lv.pre_ff_norm is not None or rot_dim != head_dim or head_dim % 2:
+        return None
+    weight = getattr(module_norm, "weight", None)
+    if arch.activation not in ACTIVATIONS or weight is None or weight.ndim != 1:
+        return None
+    eps = getattr(module_norm, "variance_epsilon", getattr(module_norm, "eps", arch.norm_eps))
+    return Epilogue(weight, float(eps), arch.norm_cast == "gemma", ACTIVATIONS[arch.activation])
 
 
 def _rope_tables(model, max_len: int, device, dtype, layer_types: set[str]) -> dict[str, tuple]:
@@ -306,6 +352,17 @@ class DecoderView:
                 scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 window=int(window) if window else None, softcap=attn_cap, rope_key=key))
         self.rope = _rope_tables(model, max_len, self.device, self.dtype, rope_keys)
+        arch = None
+        if spec is not None:
+            from ..arch.config import ArchConfigError, resolve
+
+            try:
+                arch = resolve(spec, config)
+            except ArchConfigError:
+                arch = None
+        for lv, layer in zip(self.layers, inner.layers):
+            lv.epilogue = _epilogue(lv, layer.post_attention_layernorm, arch, self.rope[lv.rope_key][0].shape[-1],
+                                    self.head_dim)
         self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
@@ -372,6 +429,9 @@ class DecoderView:
     def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None):
         """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c."""
         b, t = x.shape[:2]
+        if (t == 1 and slots is None and kv_len is None and lv.epilogue is not None and b <= EPILOGUE_MAX_ROWS
+                and use_triton(x)):
+            return self._decode_layer(lv, x, positions, pos_c, kc, vc)
         hd = self.head_dim
         cos_t, sin_t = self.rope[lv.rope_key]
         cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]
@@ -402,6 +462,22 @@ class DecoderView:
         if lv.post_ff_norm is not None:
             m = lv.post_ff_norm(m)
         return x + m
+
+    def _decode_layer(self, lv: LayerView, x, positions, pos_c, kc, vc):
+        """`layer` for one decode token per row (GPU): the work between the projections in three fused kernels
+        (kernels/decode_epilogue.py): adapters' up-projection + RoPE + cache write, adapters + residual + norm,
+        adapters + activation."""
+        b, ep, hd = x.shape[0], lv.epilogue, self.head_dim
+        x = x.reshape(b, -1)
+        cos_t, sin_t = self.rope[lv.rope_key]
+        y, xa, bt = lv.qkv.raw(lv.input_norm(x))
+        q = qkv_rope_cache(y, xa, bt, cos_t, sin_t, pos_c[:, 0], kc, vc, self.n_heads, self.n_kv, hd)
+        a = self.attention(lv, q.view(b, self.n_heads, 1, hd), kc[:b], vc[:b], positions)
+        y, xa, bt = lv.o.raw(a.reshape(b, -1))
+        x, m = lora_residual_norm(x, y, xa, bt, ep.norm_weight, ep.eps, ep.gemma)
+        y, xa, bt = lv.gate_up.raw(m)
+        m = lv.down.outputs(lora_act_mul(y, xa, bt, lv.gate_up.sizes[0], ep.act))[0]
+        return (x + m)[:, None]
 
     def head(self, x, last=None):
         """Final norm, lm_head and soft-cap of the row `last` (None: the last position) -> float32 logits."""

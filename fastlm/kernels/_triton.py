@@ -116,15 +116,15 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def register_opaque_op(name: str, impl, fake) -> None:
+def register_opaque_op(name: str, impl, fake, mutates: tuple[str, ...] = ()) -> None:
     """Register `fastlm::<name>` once per process: a custom op that torch.compile calls as it is (the launch eager
     mode makes) instead of re-compiling its Triton kernel inside inductor's graph. `impl` is a module-level function
     whose annotations give the op's schema and which looks its launcher up in its module at call time, so a kernel
     module reloaded under the interpreter (the tests) is served by the op registered first; `fake` gives the output
-    shape to the compiler."""
+    shape to the compiler; `mutates` names the arguments the op writes in place."""
     if hasattr(torch.ops.fastlm, name):
         return
-    torch.library.custom_op(f"fastlm::{name}", mutates_args=())(impl).register_fake(fake)
+    torch.library.custom_op(f"fastlm::{name}", mutates_args=tuple(mutates))(impl).register_fake(fake)
 
 
 def graph_replay_ms(graph, reps: int) -> float:

@@ -5,6 +5,17 @@ import torch
 from fastlm.inference.engine import Engine
 
 
+def _greedy_steps(eng, prompts, n):
+    """Prefill the prompts into slots 0.., then n greedy decode steps: their logits stacked [n, B, V]."""
+    first = eng.prefill(list(range(len(prompts))), prompts)
+    tok_ids, pos, outs = first.argmax(-1), torch.tensor([len(p) for p in prompts]), []
+    for _ in range(n):
+        out = eng.decode(tok_ids, pos)
+        outs.append(out.clone())
+        tok_ids, pos = out.argmax(-1), pos + 1
+    return torch.stack(outs)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
 def test_fused_projections_equal_module_calls(tiny_model_factory, loaded, model_type):
     model, tok = loaded(tiny_model_factory(model_type), lora=True)
@@ -59,13 +70,7 @@ def test_compiled_decode_step_equals_the_eager_step(tiny_model_factory, loaded, 
     for compiled in (False, True):
         eng = Engine(model, max_slots=2, max_len=32, fuse=True, compile=compiled, cuda_graphs=False)
         assert any(p.a_rows for p in eng.view.projections)
-        first = eng.prefill([0, 1], prompts)
-        tok_ids, pos, outs = first.argmax(-1), torch.tensor([len(p) for p in prompts]), []
-        for _ in range(3):
-            out = eng.decode(tok_ids, pos)
-            outs.append(out.clone())
-            tok_ids, pos = out.argmax(-1), pos + 1
-        steps.append(torch.stack(outs))
+        steps.append(_greedy_steps(eng, prompts, 3))
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
     # one layer's code serves every layer: a graph per attention kind (sliding / global) and one for the head,
     # not one per layer (the warm-up on a GPU would grow with the depth)
@@ -154,3 +159,58 @@ def test_the_first_bucket_picks_the_faster_compiled_attention_for_all(tiny_model
     first = (f"graph-{expected}", None, None, None)
     assert eng._pick_attention(4, zeros, zeros, first) is first and captures == ["kernel"]
     assert eng.view.compiled_attention == expected
+
+
+@pytest.mark.parametrize("model_type,lora", [("llama", True), ("qwen2", True), ("gemma", False), ("llama", False)])
+def test_fused_decode_epilogues_equal_the_unfused_step(tiny_model_factory, loaded, model_type, lora, monkeypatch):
+    """On a GPU a decode layer's adapters, RoPE, cache write, residual, norm and activation run in three fused
+    kernels (kernels/decode_epilogue.py); here under the interpreter. Logits over several steps must equal the
+    unfused step's (LoRA with q/k/v biases for Qwen2, Gemma's (1 + w) norm and GELU), with the same cache."""
+    from fastlm.inference import decoder
+    from fastlm.kernels._triton import force_triton
+
+    model, tok = loaded(tiny_model_factory(model_type), lora=lora)
+    prompts = [tok("the cat is red and the dog is blue")["input_ids"], tok("one")["input_ids"]]
+    calls = []
+    fused_layer = decoder.DecoderView._decode_layer
+    monkeypatch.setattr(decoder.DecoderView, "_decode_layer", lambda *a: calls.append(1) or fused_layer(*a))
+    runs, caches = [], []
+    for epilogues in (False, True):
+        monkeypatch.setattr(decoder, "EPILOGUE_MAX_ROWS", 4 if epilogues else 0)
+        eng = Engine(model, max_slots=2, max_len=32, fuse=True)
+        assert all(lv.epilogue is not None for lv in eng.view.layers)
+        with force_triton():
+            runs.append(_greedy_steps(eng, prompts, 3))
+        caches.append(torch.stack(eng.cache.k + eng.cache.v))
+    assert len(calls) == 3 * len(eng.view.layers)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-5)
+
+
+def test_layers_the_epilogues_cannot_compute_keep_the_unfused_step(tiny_model_factory, loaded):
+    """q/k-norm (Qwen3) and sandwich norms (Gemma 2) are not in the fused kernels: those layers keep the plain step."""
+    for model_type in ("qwen3", "gemma2"):
+        model, _ = loaded(tiny_model_factory(model_type), lora=True)
+        eng = Engine(model, max_slots=1, max_len=16, fuse=True)
+        assert all(lv.epilogue is None for lv in eng.view.layers)
+
+
+def test_compiled_step_with_the_epilogue_ops_equals_the_eager_step(tiny_model_factory, loaded):
+    """Inside the compiled step (what CUDA graphs capture) the epilogues are opaque ops, the cache write declared
+    as an in-place mutation: the compiled step's logits and cache must equal the eager step's."""
+    import torch._dynamo
+
+    from fastlm.kernels._triton import force_triton
+
+    model, tok = loaded(tiny_model_factory("llama", num_hidden_layers=2), lora=True)
+    prompts = [tok("the cat is red")["input_ids"], tok("one")["input_ids"]]
+    torch._dynamo.reset()
+    steps, caches = [], []
+    with force_triton():
+        for compiled in (False, True):
+            eng = Engine(model, max_slots=2, max_len=32, fuse=True, compile=compiled, cuda_graphs=False)
+            steps.append(_greedy_steps(eng, prompts, 2))
+            caches.append(torch.stack(eng.cache.k + eng.cache.v))
+    torch._dynamo.reset()
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-5)

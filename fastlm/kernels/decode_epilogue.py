@@ -1,0 +1,265 @@
+"""Fused epilogues of the engine's decode step: the small work between a layer's projections, one launch each.
+
+At batch 1 the projections are GEMVs that move nearly all the bytes; the work between them (LoRA up-projections,
+RoPE, the KV-cache write, the activation, the residual add and the next norm) was about a dozen launches per layer
+in inductor's compiled step, 1-4 us each (scripts/gpu_engine_profile.py, H100). These kernels do it in three:
+
+    qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim) -> q [B, H * D]
+        y [B, >= (H + 2 KV) D]: the q/k/v projection's output, q | k | v side by side; each output gets its
+        adapters' term lora_bt^T @ xa (unmerged LoRA: xa = x A^T [B, R], lora_bt = (scale * B)^T [R, N]); q and k
+        are rotated (rotate-half RoPE over the whole head, cos/sin [L, D] tables indexed by each row's position);
+        k and v are written into cache slot b (row b) at that position, in place; q is returned.
+    lora_act_mul(y, xa, lora_bt, inter, act) -> [B, I]
+        act(gate) * up, gate = y[:, :I] + its adapter term, up = y[:, I:2I] + its term; act 0 silu, 2 gelu-tanh.
+    lora_residual_norm(x, y, xa, lora_bt, weight, eps, gemma) -> (x + a, rms_norm(x + a))
+        a = y[:, :H] + its adapter term; the norm as transformers computes it: llama (s * rstd).to(dtype) * w,
+        gemma (s * rstd * (1 + w)).to(dtype), rstd from the rounded residual sum s.
+
+xa / lora_bt may be None (no adapter). Rounding follows the unfused step: each projection output with its adapter
+term is rounded to the activation dtype once, as are the residual sum and the activation. The `*_reference`
+functions are the same math in torch, the tests' oracle. The ops are opaque to torch.compile (their launches run as
+eager mode makes them); `qkv_rope_cache` declares its cache writes.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from ._triton import HAS_TRITON, jit, next_pow2, register_opaque_op, tl
+from .reference import rotate_half
+
+SILU, GELU_TANH = 0, 2
+ACTIVATIONS = {"silu": SILU, "gelu_tanh": GELU_TANH}  # the resolved architecture's names
+
+
+# ---------------------------------------------------------------- references (pure torch)
+def _with_adapter(y: torch.Tensor, xa: torch.Tensor | None, lora_bt: torch.Tensor | None, start: int, stop: int):
+    out = y[:, start:stop].float()
+    if xa is not None:
+        out = out + xa.float() @ lora_bt[:, start:stop].float()
+    return out.to(y.dtype)
+
+
+def qkv_rope_cache_reference(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int,
+                             head_dim: int) -> torch.Tensor:
+    b, d = y.shape[0], head_dim
+    q = _with_adapter(y, xa, lora_bt, 0, n_heads * d).view(b, n_heads, d)
+    k = _with_adapter(y, xa, lora_bt, n_heads * d, (n_heads + n_kv) * d).view(b, n_kv, d)
+    v = _with_adapter(y, xa, lora_bt, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d).view(b, n_kv, d)
+    c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]
+    q = (q.float() * c + rotate_half(q.float()) * s).to(y.dtype)
+    k = (k.float() * c + rotate_half(k.float()) * s).to(y.dtype)
+    rows = torch.arange(b, device=y.device)
+    k_cache[rows, :, pos] = k.to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.to(v_cache.dtype)
+    return q.reshape(b, n_heads * d)
+
+
+def lora_act_mul_reference(y, xa, lora_bt, inter: int, act: int) -> torch.Tensor:
+    g = _with_adapter(y, xa, lora_bt, 0, inter).float()
+    u = _with_adapter(y, xa, lora_bt, inter, 2 * inter)
+    a = torch.nn.functional.silu(g) if act == SILU else torch.nn.functional.gelu(g, approximate="tanh")
+    return (a.to(y.dtype).float() * u.float()).to(y.dtype)
+
+
+def lora_residual_norm_reference(x, y, xa, lora_bt, weight, eps: float, gemma: bool):
+    hidden = x.shape[-1]
+    s = (x.float() + _with_adapter(y, xa, lora_bt, 0, hidden).float()).to(x.dtype)
+    sf = s.float()
+    normed = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        out = (normed * (1.0 + weight.float())).to(x.dtype)
+    else:
+        out = (normed.to(x.dtype).float() * weight.float()).to(torch.promote_types(x.dtype, weight.dtype))
+    return s, out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- kernels
+@jit
+def _adapter_term(acc, xa_ptr, bt_ptr, cols, ok, R, stride_bt, HAS_LORA: tl.constexpr):
+    """acc + sum_r xa[r] * bt[r, cols] in fp32 (one contiguous row of bt per r)."""
+    if HAS_LORA:
+        for r in range(R):
+            xr = tl.load(xa_ptr + r).to(tl.float32)
+            acc += xr * tl.load(bt_ptr + r * stride_bt + cols, mask=ok, other=0.0).to(tl.float32)
+    return acc
+
+
+@jit
+def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+                           stride_y, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch, stride_cl, R,
+                           H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           HAS_LORA: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)  # 0..H-1: q heads, then KV k heads, then KV v heads (y's column order)
+    i = tl.arange(0, BLOCK_HALF)
+    ok = i < HALF
+    col = head * (2 * HALF) + i
+    xa_row = xa_ptr + row * stride_xa
+    lo = tl.load(y_ptr + row * stride_y + col, mask=ok, other=0.0).to(tl.float32)
+    hi = tl.load(y_ptr + row * stride_y + col + HALF, mask=ok, other=0.0).to(tl.float32)
+    lo = _adapter_term(lo, xa_row, bt_ptr, col, ok, R, stride_bt, HAS_LORA)
+    hi = _adapter_term(hi, xa_row, bt_ptr, col + HALF, ok, R, stride_bt, HAS_LORA)
+    out_ty = q_ptr.dtype.element_ty
+    lo = lo.to(out_ty).to(tl.float32)  # the projection's output in the activation dtype
+    hi = hi.to(out_ty).to(tl.float32)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    if head < H + KV:  # q and k heads rotate: [lo, hi] * cos + [-hi, lo] * sin
+        c_lo = tl.load(cos_ptr + pos * stride_cos + i, mask=ok, other=0.0).to(tl.float32)
+        c_hi = tl.load(cos_ptr + pos * stride_cos + HALF + i, mask=ok, other=0.0).to(tl.float32)
+        s_lo = tl.load(sin_ptr + pos * stride_cos + i, mask=ok, other=0.0).to(tl.float32)
+        s_hi = tl.load(sin_ptr + pos * stride_cos + HALF + i, mask=ok, other=0.0).to(tl.float32)
+        lo, hi = lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
+    if head < H:
+        out = q_ptr + row * stride_q + head * (2 * HALF)
+        tl.store(out + i, lo.to(out_ty), mask=ok)
+        tl.store(out + HALF + i, hi.to(out_ty), mask=ok)
+    else:
+        kv_head = (head - H) % KV
+        dst = row.to(tl.int64) * stride_cb + kv_head * stride_ch + pos * stride_cl
+        if head < H + KV:
+            tl.store(kc_ptr + dst + i, lo.to(kc_ptr.dtype.element_ty), mask=ok)
+            tl.store(kc_ptr + dst + HALF + i, hi.to(kc_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(vc_ptr + dst + i, lo.to(vc_ptr.dtype.element_ty), mask=ok)
+            tl.store(vc_ptr + dst + HALF + i, hi.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+@jit
+def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_y, stride_xa, stride_bt, stride_h, R, INTER,
+                         ACT: tl.constexpr, BLOCK: tl.constexpr, HAS_LORA: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < INTER
+    xa_row = xa_ptr + row * stride_xa
+    g = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * stride_y + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+    g = _adapter_term(g, xa_row, bt_ptr, cols, ok, R, stride_bt, HAS_LORA)
+    u = _adapter_term(u, xa_row, bt_ptr, INTER + cols, ok, R, stride_bt, HAS_LORA)
+    out_ty = h_ptr.dtype.element_ty
+    g = g.to(out_ty).to(tl.float32)
+    u = u.to(out_ty).to(tl.float32)
+    if ACT == 0:
+        a = g * tl.sigmoid(g)
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi)
+        inner = tl.minimum(tl.maximum(inner, -15.0), 15.0)  # tanh saturates well before; exp() stays finite
+        a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    a = a.to(out_ty).to(tl.float32)
+    tl.store(h_ptr + row * stride_h + cols, (a * u).to(out_ty), mask=ok)
+
+
+@jit
+def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, stride_x, stride_y, stride_xa,
+                               stride_bt, stride_s, stride_out, R, HIDDEN, eps,
+                               BLOCK: tl.constexpr, GEMMA: tl.constexpr, HAS_LORA: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < HIDDEN
+    a = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+    a = _adapter_term(a, xa_ptr + row * stride_xa, bt_ptr, cols, ok, R, stride_bt, HAS_LORA)
+    ty = s_ptr.dtype.element_ty
+    a = a.to(ty).to(tl.float32)
+    s = (tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32) + a).to(ty)
+    tl.store(s_ptr + row * stride_s + cols, s, mask=ok)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if GEMMA:
+        out = s * rstd * (1.0 + w)
+    else:
+        out = (s * rstd).to(ty).to(tl.float32) * w
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------- launchers (the ops' bodies)
+def _lora_args(y, xa, lora_bt):
+    """(xa, bt, R, stride_xa, stride_bt, HAS_LORA): a dummy pointer (y) stands in when there is no adapter."""
+    if xa is None:
+        return y, y, 0, 0, 0, False
+    return xa, lora_bt, lora_bt.shape[0], xa.stride(0), lora_bt.stride(0), True
+
+
+def _launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+    b = y.shape[0]
+    q = torch.empty(b, n_heads * head_dim, dtype=y.dtype, device=y.device)
+    xa_, bt, r, sxa, sbt, has = _lora_args(y, xa, lora_bt)
+    half = head_dim // 2
+    _qkv_rope_cache_kernel[(b, n_heads + 2 * n_kv)](
+        y, xa_, bt, cos, sin, pos, q, k_cache, v_cache, y.stride(0), sxa, sbt, cos.stride(0), q.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r, H=n_heads, KV=n_kv, HALF=half,
+        BLOCK_HALF=next_pow2(half), HAS_LORA=has, num_warps=1 if head_dim <= 128 else 2)
+    return q
+
+
+def _launch_act(y, xa, lora_bt, inter, act):
+    b = y.shape[0]
+    h = torch.empty(b, inter, dtype=y.dtype, device=y.device)
+    xa_, bt, r, sxa, sbt, has = _lora_args(y, xa, lora_bt)
+    block = 1024
+    _lora_act_mul_kernel[(b, -(-inter // block))](y, xa_, bt, h, y.stride(0), sxa, sbt, h.stride(0), r, inter,
+                                                  ACT=act, BLOCK=block, HAS_LORA=has, num_warps=4)
+    return h
+
+
+def _launch_norm(x, y, xa, lora_bt, weight, eps, gemma):
+    b, hidden = x.shape
+    s = torch.empty_like(x)
+    out = torch.empty_like(x)
+    xa_, bt, r, sxa, sbt, has = _lora_args(y, xa, lora_bt)
+    block = next_pow2(hidden)
+    _lora_residual_norm_kernel[(b,)](x, y, xa_, bt, weight, s, out, x.stride(0), y.stride(0), sxa, sbt,
+                                     s.stride(0), out.stride(0), r, hidden, eps, BLOCK=block, GEMMA=gemma,
+                                     HAS_LORA=has, num_warps=8 if block >= 2048 else 4)
+    return s, out
+
+
+def _qkv_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], cos: torch.Tensor,
+              sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+              n_kv: int, head_dim: int) -> torch.Tensor:
+    return sys.modules[__name__]._launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv,
+                                             head_dim)
+
+
+def _qkv_fake(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+    return y.new_empty(y.shape[0], n_heads * head_dim)
+
+
+def _act_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], inter: int,
+              act: int) -> torch.Tensor:
+    return sys.modules[__name__]._launch_act(y, xa, lora_bt, inter, act)
+
+
+def _act_fake(y, xa, lora_bt, inter, act):
+    return y.new_empty(y.shape[0], inter)
+
+
+def _norm_impl(x: torch.Tensor, y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor],
+               weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return sys.modules[__name__]._launch_norm(x, y, xa, lora_bt, weight, eps, gemma)
+
+
+def _norm_fake(x, y, xa, lora_bt, weight, eps, gemma):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+if HAS_TRITON:
+    register_opaque_op("qkv_rope_cache", _qkv_impl, _qkv_fake, mutates=("k_cache", "v_cache"))
+    register_opaque_op("lora_act_mul", _act_impl, _act_fake)
+    register_opaque_op("lora_residual_norm", _norm_impl, _norm_fake)
+
+
+# ---------------------------------------------------------------- the ops
+def qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
+    """See the module docstring. y/xa rows may be strided views (xa as the last columns of y); pos [B] long."""
+    return torch.ops.fastlm.qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+
+
+def lora_act_mul(y, xa, lora_bt, inter: int, act: int):
+    return torch.ops.fastlm.lora_act_mul(y, xa, lora_bt, inter, act)
+
+
+def lora_residual_norm(x, y, xa, lora_bt, weight, eps: float, gemma: bool):
+    return torch.ops.fastlm.lora_residual_norm(x, y, xa, lora_bt, weight, float(eps), bool(gemma))

@@ -1,0 +1,103 @@
+"""The decode step's fused epilogues (LoRA up-projection + RoPE + cache write; + activation; + residual + RMSNorm)
+against their pure-torch references and against the unfused math written out with transformers' own pieces."""
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, TOL, kernel_module
+
+from fastlm.kernels._triton import force_triton
+
+
+def _draw(g, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g, device="cpu") * scale).to(DEVICE, dtype)
+
+
+def _adapters(g, b, n, r, dtype, lora):
+    if not lora:
+        return None, None
+    return _draw(g, b, r, dtype=dtype), _draw(g, r, n, dtype=dtype, scale=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lora,h,kv,d", [(True, 4, 2, 16), (False, 4, 4, 16), (True, 3, 1, 12)])
+def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d):
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(0)
+    b, length, r = 3, 9, 6
+    n = (h + 2 * kv) * d
+    # y carries the adapters' x A^T as its last columns, as the engine's GEMV with A's rows appended writes it
+    y_full = _draw(g, b, n + r, dtype=dtype)
+    y, xa = y_full[:, :n], (y_full[:, n:] if lora else None)
+    bt = _draw(g, r, n, dtype=dtype, scale=0.1) if lora else None
+    theta = torch.arange(length, dtype=torch.float32)[:, None] * (0.3 ** torch.arange(d // 2, dtype=torch.float32))
+    cos = torch.cat([theta.cos(), theta.cos()], -1).to(DEVICE, dtype)
+    sin = torch.cat([theta.sin(), theta.sin()], -1).to(DEVICE, dtype)
+    pos = torch.tensor([0, 5, 8], device=DEVICE)
+    kc, vc = _draw(g, b + 1, kv, length, d, dtype=dtype), _draw(g, b + 1, kv, length, d, dtype=dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref = mod.qkv_rope_cache_reference(y, xa, bt, cos, sin, pos, kc_ref, vc_ref, h, kv, d)
+    with force_triton():
+        got = mod.qkv_rope_cache(y, xa, bt, cos, sin, pos, kc, vc, h, kv, d)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(vc.float(), vc_ref.float(), atol=atol, rtol=rtol)
+    # the reference against the math written out: q = y_q + xa B_q, rotated by HF's rotate-half at its position
+    if dtype == torch.float32:
+        full = y.float() + (xa.float() @ bt.float() if lora else 0)
+        q0 = full[1, :d]
+        c, s = cos[5].float(), sin[5].float()
+        rot = torch.cat([-q0[d // 2:], q0[:d // 2]])
+        torch.testing.assert_close(got[1, :d], q0 * c + rot * s, atol=1e-5, rtol=1e-5)
+        v_last = full[2, (h + kv) * d + (kv - 1) * d:(h + kv) * d + kv * d]
+        torch.testing.assert_close(vc[2, kv - 1, 8], v_last, atol=1e-5, rtol=1e-5)
+        assert torch.equal(vc[3], vc_ref[3])  # the slot no row owns is untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_lora_act_mul_matches_gated_mlp(dtype, act, lora):
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(1)
+    b, inter, r = 2, 1500, 5  # inter past one 1024 block
+    y = _draw(g, b, 2 * inter, dtype=dtype, scale=2.0)
+    xa, bt = _adapters(g, b, 2 * inter, r, dtype, lora)
+    code = mod.ACTIVATIONS[act]
+    ref = mod.lora_act_mul_reference(y, xa, bt, inter, code)
+    with force_triton():
+        got = mod.lora_act_mul(y, xa, bt, inter, code)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
+    if dtype == torch.float32:
+        from transformers.activations import ACT2FN
+
+        full = y + (xa @ bt if lora else 0)
+        fn = ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
+        torch.testing.assert_close(got, fn(full[:, :inter]) * full[:, inter:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("lora", [True, False])
+def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(2)
+    b, hidden, r = 3, 96, 4
+    x, y_full = _draw(g, b, hidden, dtype=dtype), _draw(g, b, hidden + r, dtype=dtype)
+    y, xa = y_full[:, :hidden], (y_full[:, hidden:] if lora else None)
+    bt = _draw(g, r, hidden, dtype=dtype, scale=0.1) if lora else None
+    norm = (GemmaRMSNorm(hidden, eps=1e-6) if gemma else LlamaRMSNorm(hidden, eps=1e-6)).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_draw(g, hidden, dtype=dtype, scale=0.5))
+    ref_s, ref = mod.lora_residual_norm_reference(x, y, xa, bt, norm.weight, 1e-6, gemma)
+    with force_triton():
+        s, out = mod.lora_residual_norm(x, y, xa, bt, norm.weight, 1e-6, gemma)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(s.float(), ref_s.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    with torch.no_grad():  # the reference is transformers' norm of the residual sum
+        expect_s = x + (y + (xa @ bt if lora else 0)).to(dtype)
+        torch.testing.assert_close(ref.float(), norm(expect_s).float(), atol=atol, rtol=rtol)
