@@ -156,6 +156,11 @@ class Projection:
             self.refresh_adapters()
         self.kind = kind
         self.fused = True
+        self.gemv = None  # split-K GEMV config (kernels/decode_gemv.py) where it beats cuBLAS on this device
+        if kind == "dense" and self.bias is None:
+            from ..kernels.decode_gemv import gemv_config
+
+            self.gemv = gemv_config(self.weight)
 
     @torch.no_grad()
     def refresh_adapters(self) -> None:
@@ -204,12 +209,18 @@ class Projection:
         return list(torch.split(y, self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
 
     def raw(self, x: torch.Tensor):
-        """For the decode epilogue kernels, x [rows, K] -> (y [rows, >= N], xa [rows, R] or None, B^T [R, N] or
-        None): the outputs side by side in y's first N columns, still without the adapters' term xa @ B^T, which
-        the epilogue adds (the modules' own outputs, adapters included, where the weights are not fused)."""
+        """For the decode epilogue kernels, x [rows, K] -> (y [rows, >= N] or [S, rows, >= N] fp32 partial sums of
+        the split-K GEMV, xa [rows, R] (or its partial sums) or None, B^T [R, N] or None): the outputs side by side
+        in y's first N columns, still without the adapters' term xa @ B^T, which the epilogue adds (the modules' own
+        outputs, adapters included, where the weights are not fused)."""
         if self._modules_only(x):
             outs = self._module_outputs(x)
             return (torch.cat(outs, -1) if len(outs) > 1 else outs[0]), None, None
+        if self.gemv is not None:  # [S, rows, N] fp32 partial sums, which the epilogue adds
+            from ..kernels.decode_gemv import gemv_partials
+
+            y = gemv_partials(x, self.weight, self.gemv)
+            return y, (y[..., self.n_out:] if self.a_rows else None), (self.lora_bt if self.lora else None)
         y, xa = self._base(x)
         return y, xa, (self.lora_bt if self.lora else None)
 
@@ -254,12 +265,27 @@ class LayerView:
 
 
 @dataclass
+class Norm:
+    """An RMSNorm as the epilogue kernels compute it."""
+    weight: torch.Tensor
+    eps: float
+    gemma: bool  # (1 + w) computed in fp32
+
+
+@dataclass
 class Epilogue:
     """What the decode epilogue kernels need of a layer beyond its projections."""
-    norm_weight: torch.Tensor  # post-attention RMSNorm
-    eps: float
-    gemma: bool  # (1 + w) norm computed in fp32
+    post_attn: Norm
+    next_norm: Norm | None  # the next layer's input norm, or the final norm after the last layer (set by the view)
     act: int  # decode_epilogue.ACTIVATIONS code
+
+
+def _norm(module, arch) -> Norm | None:
+    weight = getattr(module, "weight", None)
+    if arch is None or weight is None or weight.ndim != 1:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", arch.norm_eps))
+    return Norm(weight, float(eps), arch.norm_cast == "gemma")
 
 
 def _epilogue(lv: LayerView, module_norm: nn.Module, arch, rot_dim: int, head_dim: int) -> Epilogue | None:
@@ -269,11 +295,10 @@ def _epilogue(lv: LayerView, module_norm: nn.Module, arch, rot_dim: int, head_di
 
     if arch is None or lv.q_norm is not None or lv.pre_ff_norm is not None or rot_dim != head_dim or head_dim % 2:
         return None
-    weight = getattr(module_norm, "weight", None)
-    if arch.activation not in ACTIVATIONS or weight is None or weight.ndim != 1:
+    norm = _norm(module_norm, arch)
+    if arch.activation not in ACTIVATIONS or norm is None:
         return None
-    eps = getattr(module_norm, "variance_epsilon", getattr(module_norm, "eps", arch.norm_eps))
-    return Epilogue(weight, float(eps), arch.norm_cast == "gemma", ACTIVATIONS[arch.activation])
+    return Epilogue(norm, None, ACTIVATIONS[arch.activation])
 
 
 def _rope_tables(model, max_len: int, device, dtype, layer_types: set[str]) -> dict[str, tuple]:
@@ -363,6 +388,13 @@ class DecoderView:
         for lv, layer in zip(self.layers, inner.layers):
             lv.epilogue = _epilogue(lv, layer.post_attention_layernorm, arch, self.rope[lv.rope_key][0].shape[-1],
                                     self.head_dim)
+        # the decode step runs the epilogues when every layer can: each layer's down projection ends in the next
+        # layer's input norm (the final norm after the last), so the norms ride on the residual adds
+        nexts = [_norm(layer.input_layernorm, arch) for layer in inner.layers[1:]] + [_norm(inner.norm, arch)]
+        self.epilogues = all(lv.epilogue is not None for lv in self.layers) and all(n is not None for n in nexts)
+        for lv, nxt in zip(self.layers, nexts):
+            if lv.epilogue is not None:
+                lv.epilogue.next_norm = nxt
         self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
@@ -422,16 +454,24 @@ class DecoderView:
         if x.requires_grad:  # a training hook (enable_input_require_grads) marks it even under no_grad
             x = x.detach()
         pos_c = positions.clamp(max=k_cache[0].shape[2] - 1)
+        b, t = tokens.shape
+        if (t == 1 and slots is None and kv_len is None and self.epilogues and b <= EPILOGUE_MAX_ROWS
+                and use_triton(x)):
+            x = x.reshape(b, -1)
+            h = self.layers[0].input_norm(x)
+            for i, lv in enumerate(self.layers):
+                x, h = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len, normed=h)
+            return head(x, last, normed=h)
         for i, lv in enumerate(self.layers):
             x = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len)
         return head(x, last)
 
-    def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None):
-        """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c."""
+    def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None, normed=None):
+        """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c. With `normed` (the
+        layer's input norm of x [B, hidden], decode only) it runs `_decode_layer` and returns (x, next normed)."""
+        if normed is not None:
+            return self._decode_layer(lv, x, normed, positions, pos_c, kc, vc)
         b, t = x.shape[:2]
-        if (t == 1 and slots is None and kv_len is None and lv.epilogue is not None and b <= EPILOGUE_MAX_ROWS
-                and use_triton(x)):
-            return self._decode_layer(lv, x, positions, pos_c, kc, vc)
         hd = self.head_dim
         cos_t, sin_t = self.rope[lv.rope_key]
         cos, sin = cos_t[pos_c][:, None], sin_t[pos_c][:, None]  # [B, 1, T, R]
@@ -463,29 +503,33 @@ class DecoderView:
             m = lv.post_ff_norm(m)
         return x + m
 
-    def _decode_layer(self, lv: LayerView, x, positions, pos_c, kc, vc):
-        """`layer` for one decode token per row (GPU): the work between the projections in three fused kernels
-        (kernels/decode_epilogue.py): adapters' up-projection + RoPE + cache write, adapters + residual + norm,
-        adapters + activation."""
+    def _decode_layer(self, lv: LayerView, x, h, positions, pos_c, kc, vc):
+        """`layer` for one decode token per row (GPU): x [B, hidden] the residual stream, h its input norm. The
+        projections are split-K GEMVs (or cuBLAS) and the work between them four fused kernels
+        (kernels/decode_epilogue.py): adapters' up-projection + RoPE + cache write; adapters + residual + norm
+        (twice: after o, and after down with the next layer's input norm); adapters + activation."""
         b, ep, hd = x.shape[0], lv.epilogue, self.head_dim
-        x = x.reshape(b, -1)
         cos_t, sin_t = self.rope[lv.rope_key]
-        y, xa, bt = lv.qkv.raw(lv.input_norm(x))
+        y, xa, bt = lv.qkv.raw(h)
         q = qkv_rope_cache(y, xa, bt, cos_t, sin_t, pos_c[:, 0], kc, vc, self.n_heads, self.n_kv, hd)
         a = self.attention(lv, q.view(b, self.n_heads, 1, hd), kc[:b], vc[:b], positions)
         y, xa, bt = lv.o.raw(a.reshape(b, -1))
-        x, m = lora_residual_norm(x, y, xa, bt, ep.norm_weight, ep.eps, ep.gemma)
+        norm = ep.post_attn
+        x, m = lora_residual_norm(x, y, xa, bt, norm.weight, norm.eps, norm.gemma)
         y, xa, bt = lv.gate_up.raw(m)
-        m = lv.down.outputs(lora_act_mul(y, xa, bt, lv.gate_up.sizes[0], ep.act))[0]
-        return (x + m)[:, None]
+        y, xa, bt = lv.down.raw(lora_act_mul(y, xa, bt, lv.gate_up.sizes[0], ep.act, x.dtype))
+        norm = ep.next_norm
+        return lora_residual_norm(x, y, xa, bt, norm.weight, norm.eps, norm.gemma)
 
-    def head(self, x, last=None):
-        """Final norm, lm_head and soft-cap of the row `last` (None: the last position) -> float32 logits."""
-        if last is None:
-            x = x[:, -1]
+    def head(self, x, last=None, normed=None):
+        """Final norm, lm_head and soft-cap of the row `last` (None: the last position) -> float32 logits.
+        `normed` [B, hidden]: the final norm of a decode step's x, already computed (by the last epilogue)."""
+        if normed is not None:
+            x = normed
+        elif last is None:
+            x = self.final_norm(x[:, -1])
         else:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
-        x = self.final_norm(x)
+            x = self.final_norm(x[torch.arange(x.shape[0], device=x.device), last])
         logits = self.lm_head(x)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

@@ -35,38 +35,45 @@ ACTIVATIONS = {"silu": SILU, "gelu_tanh": GELU_TANH}  # the resolved architectur
 
 
 # ---------------------------------------------------------------- references (pure torch)
-def _with_adapter(y: torch.Tensor, xa: torch.Tensor | None, lora_bt: torch.Tensor | None, start: int, stop: int):
-    out = y[:, start:stop].float()
+def _plain(t):
+    """[S, M, N] partial sums -> their fp32 sum [M, N]; a [M, N] tensor -> fp32."""
+    return t.float().sum(0) if t.dim() == 3 else t.float()
+
+
+def _with_adapter(y, xa, lora_bt, start: int, stop: int, dtype):
+    out = _plain(y)[:, start:stop]
     if xa is not None:
-        out = out + xa.float() @ lora_bt[:, start:stop].float()
-    return out.to(y.dtype)
+        out = out + _plain(xa) @ lora_bt[:, start:stop].float()
+    return out.to(dtype)
 
 
 def qkv_rope_cache_reference(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int,
                              head_dim: int) -> torch.Tensor:
-    b, d = y.shape[0], head_dim
-    q = _with_adapter(y, xa, lora_bt, 0, n_heads * d).view(b, n_heads, d)
-    k = _with_adapter(y, xa, lora_bt, n_heads * d, (n_heads + n_kv) * d).view(b, n_kv, d)
-    v = _with_adapter(y, xa, lora_bt, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d).view(b, n_kv, d)
+    dt, d = k_cache.dtype, head_dim
+    b = y.shape[-2]
+    q = _with_adapter(y, xa, lora_bt, 0, n_heads * d, dt).view(b, n_heads, d)
+    k = _with_adapter(y, xa, lora_bt, n_heads * d, (n_heads + n_kv) * d, dt).view(b, n_kv, d)
+    v = _with_adapter(y, xa, lora_bt, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d, dt).view(b, n_kv, d)
     c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]
-    q = (q.float() * c + rotate_half(q.float()) * s).to(y.dtype)
-    k = (k.float() * c + rotate_half(k.float()) * s).to(y.dtype)
+    q = (q.float() * c + rotate_half(q.float()) * s).to(dt)
+    k = (k.float() * c + rotate_half(k.float()) * s).to(dt)
     rows = torch.arange(b, device=y.device)
-    k_cache[rows, :, pos] = k.to(k_cache.dtype)
-    v_cache[rows, :, pos] = v.to(v_cache.dtype)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
     return q.reshape(b, n_heads * d)
 
 
-def lora_act_mul_reference(y, xa, lora_bt, inter: int, act: int) -> torch.Tensor:
-    g = _with_adapter(y, xa, lora_bt, 0, inter).float()
-    u = _with_adapter(y, xa, lora_bt, inter, 2 * inter)
+def lora_act_mul_reference(y, xa, lora_bt, inter: int, act: int, dtype=None) -> torch.Tensor:
+    dtype = dtype or y.dtype
+    g = _with_adapter(y, xa, lora_bt, 0, inter, dtype).float()
+    u = _with_adapter(y, xa, lora_bt, inter, 2 * inter, dtype)
     a = torch.nn.functional.silu(g) if act == SILU else torch.nn.functional.gelu(g, approximate="tanh")
-    return (a.to(y.dtype).float() * u.float()).to(y.dtype)
+    return (a.to(dtype).float() * u.float()).to(dtype)
 
 
 def lora_residual_norm_reference(x, y, xa, lora_bt, weight, eps: float, gemma: bool):
     hidden = x.shape[-1]
-    s = (x.float() + _with_adapter(y, xa, lora_bt, 0, hidden).float()).to(x.dtype)
+    s = (x.float() + _with_adapter(y, xa, lora_bt, 0, hidden, x.dtype).float()).to(x.dtype)
     sf = s.float()
     normed = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:
@@ -78,33 +85,43 @@ def lora_residual_norm_reference(x, y, xa, lora_bt, weight, eps: float, gemma: b
 
 # ---------------------------------------------------------------- kernels
 @jit
-def _adapter_term(acc, xa_ptr, bt_ptr, cols, ok, R, stride_bt, BLOCK_R: tl.constexpr):
+def _summed(ptr, offs, mask, stride_s, S: tl.constexpr):
+    """sum over s < S of ptr[s * stride_s + offs] in fp32: the split-K partial sums of a GEMV (S = 1: its output)."""
+    v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, S):
+        v += tl.load(ptr + s * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@jit
+def _adapter_term(acc, xa_ptr, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R: tl.constexpr,
+                  S_XA: tl.constexpr):
     """acc + xa @ bt[:, cols] in fp32, as one [BLOCK_R, cols] tile: every load in flight at once (a loop over r
     waited on one load per rank: 9-26 us per launch on the H100)."""
     if BLOCK_R > 1:
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
-        xa = tl.load(xa_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
+        xa = _summed(xa_ptr, r, r_ok, stride_xas, S_XA)
         bt = tl.load(bt_ptr + r[:, None] * stride_bt + cols[None, :], mask=r_ok[:, None] & ok[None, :], other=0.0)
         acc += tl.sum(bt.to(tl.float32) * xa[:, None], axis=0)
     return acc
 
 
 @jit
-def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
-                           stride_y, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch, stride_cl, R,
-                           H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
+def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, stride_ys,
+                           stride_y, stride_xas, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch,
+                           stride_cl, R, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
+                           BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr, S_XA: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, then KV k heads, then KV v heads (y's column order)
     i = tl.arange(0, BLOCK_HALF)
     ok = i < HALF
     col = head * (2 * HALF) + i
     xa_row = xa_ptr + row * stride_xa
-    lo = tl.load(y_ptr + row * stride_y + col, mask=ok, other=0.0).to(tl.float32)
-    hi = tl.load(y_ptr + row * stride_y + col + HALF, mask=ok, other=0.0).to(tl.float32)
-    lo = _adapter_term(lo, xa_row, bt_ptr, col, ok, R, stride_bt, BLOCK_R)
-    hi = _adapter_term(hi, xa_row, bt_ptr, col + HALF, ok, R, stride_bt, BLOCK_R)
+    lo = _summed(y_ptr + row * stride_y, col, ok, stride_ys, S)
+    hi = _summed(y_ptr + row * stride_y, col + HALF, ok, stride_ys, S)
+    lo = _adapter_term(lo, xa_row, stride_xas, bt_ptr, col, ok, R, stride_bt, BLOCK_R, S_XA)
+    hi = _adapter_term(hi, xa_row, stride_xas, bt_ptr, col + HALF, ok, R, stride_bt, BLOCK_R, S_XA)
     out_ty = q_ptr.dtype.element_ty
     lo = lo.to(out_ty).to(tl.float32)  # the projection's output in the activation dtype
     hi = hi.to(out_ty).to(tl.float32)
@@ -131,16 +148,17 @@ def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
 
 
 @jit
-def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_y, stride_xa, stride_bt, stride_h, R, INTER,
-                         ACT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stride_xas, stride_xa, stride_bt,
+                         stride_h, R, INTER, ACT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         S: tl.constexpr, S_XA: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < INTER
     xa_row = xa_ptr + row * stride_xa
-    g = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(y_ptr + row * stride_y + INTER + cols, mask=ok, other=0.0).to(tl.float32)
-    g = _adapter_term(g, xa_row, bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
-    u = _adapter_term(u, xa_row, bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R)
+    g = _summed(y_ptr + row * stride_y, cols, ok, stride_ys, S)
+    u = _summed(y_ptr + row * stride_y, INTER + cols, ok, stride_ys, S)
+    g = _adapter_term(g, xa_row, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
+    u = _adapter_term(u, xa_row, stride_xas, bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R, S_XA)
     out_ty = h_ptr.dtype.element_ty
     g = g.to(out_ty).to(tl.float32)
     u = u.to(out_ty).to(tl.float32)
@@ -155,14 +173,15 @@ def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_y, stride_xa, stri
 
 
 @jit
-def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, stride_x, stride_y, stride_xa,
-                               stride_bt, stride_s, stride_out, R, HIDDEN, eps,
-                               BLOCK: tl.constexpr, GEMMA: tl.constexpr, BLOCK_R: tl.constexpr):
+def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, stride_x, stride_ys, stride_y,
+                               stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, HIDDEN, eps,
+                               BLOCK: tl.constexpr, GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr,
+                               S_XA: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < HIDDEN
-    a = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
-    a = _adapter_term(a, xa_ptr + row * stride_xa, bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
+    a = _summed(y_ptr + row * stride_y, cols, ok, stride_ys, S)
+    a = _adapter_term(a, xa_ptr + row * stride_xa, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
     ty = s_ptr.dtype.element_ty
     a = a.to(ty).to(tl.float32)
     s = (tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32) + a).to(ty)
@@ -178,12 +197,20 @@ def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_p
 
 
 # ---------------------------------------------------------------- launchers (the ops' bodies)
+def _splits(t):
+    """A [S, M, N] tensor as it is, a [M, N] one as [1, M, N]: (tensor, S, split stride, row stride)."""
+    t = t if t.dim() == 3 else t[None]
+    return t, t.shape[0], t.stride(0), t.stride(1)
+
+
 def _lora_args(y, xa, lora_bt):
-    """(xa, bt, R, stride_xa, stride_bt, BLOCK_R); BLOCK_R 1 means no adapter (y stands in for the pointers)."""
+    """(xa, S_XA, split stride, row stride, bt, R, bt stride, BLOCK_R); BLOCK_R 1 means no adapter (y stands in
+    for the pointers)."""
     if xa is None:
-        return y, y, 0, 0, 0, 1
+        return y, 1, 0, 0, y, 0, 0, 1
+    xa, s, sxs, sxr = _splits(xa)
     r = lora_bt.shape[0]
-    return xa, lora_bt, r, xa.stride(0), lora_bt.stride(0), max(2, next_pow2(r))
+    return xa, s, sxs, sxr, lora_bt, r, lora_bt.stride(0), max(2, next_pow2(r))
 
 
 def _warps(elements: int, low: int = 1, high: int = 32) -> int:
@@ -192,37 +219,42 @@ def _warps(elements: int, low: int = 1, high: int = 32) -> int:
 
 
 def _launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
-    b = y.shape[0]
-    q = torch.empty(b, n_heads * head_dim, dtype=y.dtype, device=y.device)
-    xa_, bt, r, sxa, sbt, block_r = _lora_args(y, xa, lora_bt)
+    y, s, sys_, syr = _splits(y)
+    b = y.shape[1]
+    q = torch.empty(b, n_heads * head_dim, dtype=k_cache.dtype, device=y.device)
+    xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
     half = head_dim // 2
     block_half = next_pow2(half)
     _qkv_rope_cache_kernel[(b, n_heads + 2 * n_kv)](
-        y, xa_, bt, cos, sin, pos, q, k_cache, v_cache, y.stride(0), sxa, sbt, cos.stride(0), q.stride(0),
+        y, xa_, bt, cos, sin, pos, q, k_cache, v_cache, sys_, syr, sxs, sxr, sbt, cos.stride(0), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r, H=n_heads, KV=n_kv, HALF=half,
-        BLOCK_HALF=block_half, BLOCK_R=block_r, num_warps=_warps(2 * block_r * block_half, high=8))
+        BLOCK_HALF=block_half, BLOCK_R=block_r, S=s, S_XA=s_xa,
+        num_warps=_warps(2 * block_r * block_half, high=8))
     return q
 
 
-def _launch_act(y, xa, lora_bt, inter, act):
-    b = y.shape[0]
-    h = torch.empty(b, inter, dtype=y.dtype, device=y.device)
-    xa_, bt, r, sxa, sbt, block_r = _lora_args(y, xa, lora_bt)
+def _launch_act(y, xa, lora_bt, inter, act, dtype):
+    y, s, sys_, syr = _splits(y)
+    b = y.shape[1]
+    h = torch.empty(b, inter, dtype=dtype, device=y.device)
+    xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
     block = 1024 if block_r == 1 else max(32, 4096 // block_r)  # adapters: two [R, block] tiles per program
-    _lora_act_mul_kernel[(b, -(-inter // block))](y, xa_, bt, h, y.stride(0), sxa, sbt, h.stride(0), r, inter,
-                                                  ACT=act, BLOCK=block, BLOCK_R=block_r, num_warps=4)
+    _lora_act_mul_kernel[(b, -(-inter // block))](y, xa_, bt, h, sys_, syr, sxs, sxr, sbt, h.stride(0), r, inter,
+                                                  ACT=act, BLOCK=block, BLOCK_R=block_r, S=s, S_XA=s_xa,
+                                                  num_warps=4)
     return h
 
 
 def _launch_norm(x, y, xa, lora_bt, weight, eps, gemma):
     b, hidden = x.shape
+    y, s_y, sys_, syr = _splits(y)
     s = torch.empty_like(x)
     out = torch.empty_like(x)
-    xa_, bt, r, sxa, sbt, block_r = _lora_args(y, xa, lora_bt)
+    xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
     block = next_pow2(hidden)
-    _lora_residual_norm_kernel[(b,)](x, y, xa_, bt, weight, s, out, x.stride(0), y.stride(0), sxa, sbt,
+    _lora_residual_norm_kernel[(b,)](x, y, xa_, bt, weight, s, out, x.stride(0), sys_, syr, sxs, sxr, sbt,
                                      s.stride(0), out.stride(0), r, hidden, eps, BLOCK=block, GEMMA=gemma,
-                                     BLOCK_R=block_r, num_warps=_warps(block_r * block, low=4))
+                                     BLOCK_R=block_r, S=s_y, S_XA=s_xa, num_warps=_warps(block_r * block, low=4))
     return s, out
 
 
@@ -234,16 +266,16 @@ def _qkv_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[tor
 
 
 def _qkv_fake(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
-    return y.new_empty(y.shape[0], n_heads * head_dim)
+    return y.new_empty(y.shape[-2], n_heads * head_dim, dtype=k_cache.dtype)
 
 
 def _act_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], inter: int,
-              act: int) -> torch.Tensor:
-    return sys.modules[__name__]._launch_act(y, xa, lora_bt, inter, act)
+              act: int, dtype: torch.dtype) -> torch.Tensor:
+    return sys.modules[__name__]._launch_act(y, xa, lora_bt, inter, act, dtype)
 
 
-def _act_fake(y, xa, lora_bt, inter, act):
-    return y.new_empty(y.shape[0], inter)
+def _act_fake(y, xa, lora_bt, inter, act, dtype):
+    return y.new_empty(y.shape[-2], inter, dtype=dtype)
 
 
 def _norm_impl(x: torch.Tensor, y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor],
@@ -267,8 +299,9 @@ def qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int
     return torch.ops.fastlm.qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
 
 
-def lora_act_mul(y, xa, lora_bt, inter: int, act: int):
-    return torch.ops.fastlm.lora_act_mul(y, xa, lora_bt, inter, act)
+def lora_act_mul(y, xa, lora_bt, inter: int, act: int, dtype: torch.dtype | None = None):
+    """dtype: of the output (the activations'); default y's (y may be fp32 partial sums)."""
+    return torch.ops.fastlm.lora_act_mul(y, xa, lora_bt, inter, act, dtype or y.dtype)
 
 
 def lora_residual_norm(x, y, xa, lora_bt, weight, eps: float, gemma: bool):

@@ -11,22 +11,29 @@ def _draw(g, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g, device="cpu") * scale).to(DEVICE, dtype)
 
 
-def _adapters(g, b, n, r, dtype, lora):
-    if not lora:
-        return None, None
-    return _draw(g, b, r, dtype=dtype), _draw(g, r, n, dtype=dtype, scale=0.1)
+def _projection_output(g, b, n, r, dtype, splits):
+    """A projection's output with the adapters' x A^T as its last r columns, as the engine's GEMVs write it: one
+    [b, n + r] tensor in the activation dtype (cuBLAS), or `splits` fp32 partial sums [S, b, n + r] (split-K)."""
+    if splits == 1:
+        return _draw(g, b, n + r, dtype=dtype)
+    return _draw(g, splits, b, n + r, scale=splits ** -0.5)
+
+
+def _plain_sum(t):
+    return t.float().sum(0) if t.dim() == 3 else t.float()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lora,h,kv,d", [(True, 4, 2, 16), (False, 4, 4, 16), (True, 3, 1, 12)])
-def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d):
+@pytest.mark.parametrize("lora,h,kv,d,splits", [(True, 4, 2, 16, 1), (False, 4, 4, 16, 1), (True, 3, 1, 12, 1),
+                                                (True, 4, 2, 16, 3), (False, 2, 1, 16, 2)])
+def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, splits):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(0)
     b, length, r = 3, 9, 6
     n = (h + 2 * kv) * d
     # y carries the adapters' x A^T as its last columns, as the engine's GEMV with A's rows appended writes it
-    y_full = _draw(g, b, n + r, dtype=dtype)
-    y, xa = y_full[:, :n], (y_full[:, n:] if lora else None)
+    y_full = _projection_output(g, b, n, r, dtype, splits)
+    y, xa = y_full[..., :n], (y_full[..., n:] if lora else None)
     bt = _draw(g, r, n, dtype=dtype, scale=0.1) if lora else None
     theta = torch.arange(length, dtype=torch.float32)[:, None] * (0.3 ** torch.arange(d // 2, dtype=torch.float32))
     cos = torch.cat([theta.cos(), theta.cos()], -1).to(DEVICE, dtype)
@@ -43,7 +50,7 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d):
     torch.testing.assert_close(vc.float(), vc_ref.float(), atol=atol, rtol=rtol)
     # the reference against the math written out: q = y_q + xa B_q, rotated by HF's rotate-half at its position
     if dtype == torch.float32:
-        full = y.float() + (xa.float() @ bt.float() if lora else 0)
+        full = _plain_sum(y) + (_plain_sum(xa) @ bt.float() if lora else 0)
         q0 = full[1, :d]
         c, s = cos[5].float(), sin[5].float()
         rot = torch.cat([-q0[d // 2:], q0[:d // 2]])
@@ -55,39 +62,41 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("lora", [True, False])
-def test_lora_act_mul_matches_gated_mlp(dtype, act, lora):
+@pytest.mark.parametrize("lora,splits", [(True, 1), (False, 1), (True, 4)])
+def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(1)
     b, inter, r = 2, 1500, 5  # inter past one 1024 block
-    y = _draw(g, b, 2 * inter, dtype=dtype, scale=2.0)
-    xa, bt = _adapters(g, b, 2 * inter, r, dtype, lora)
+    y_full = _projection_output(g, b, 2 * inter, r, dtype, splits) * 2
+    y, xa = y_full[..., :2 * inter], (y_full[..., 2 * inter:] if lora else None)
+    bt = _draw(g, r, 2 * inter, dtype=dtype, scale=0.1) if lora else None
     code = mod.ACTIVATIONS[act]
-    ref = mod.lora_act_mul_reference(y, xa, bt, inter, code)
+    ref = mod.lora_act_mul_reference(y, xa, bt, inter, code, dtype)
     with force_triton():
-        got = mod.lora_act_mul(y, xa, bt, inter, code)
+        got = mod.lora_act_mul(y, xa, bt, inter, code, dtype)
+    assert got.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
     if dtype == torch.float32:
         from transformers.activations import ACT2FN
 
-        full = y + (xa @ bt if lora else 0)
+        full = _plain_sum(y) + (_plain_sum(xa) @ bt if lora else 0)
         fn = ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
         torch.testing.assert_close(got, fn(full[:, :inter]) * full[:, inter:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gemma", [False, True])
-@pytest.mark.parametrize("lora", [True, False])
-def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora):
+@pytest.mark.parametrize("lora,splits", [(True, 1), (False, 1), (True, 2)])
+def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora, splits):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(2)
     b, hidden, r = 3, 96, 4
-    x, y_full = _draw(g, b, hidden, dtype=dtype), _draw(g, b, hidden + r, dtype=dtype)
-    y, xa = y_full[:, :hidden], (y_full[:, hidden:] if lora else None)
+    x, y_full = _draw(g, b, hidden, dtype=dtype), _projection_output(g, b, hidden, r, dtype, splits)
+    y, xa = y_full[..., :hidden], (y_full[..., hidden:] if lora else None)
     bt = _draw(g, r, hidden, dtype=dtype, scale=0.1) if lora else None
     norm = (GemmaRMSNorm(hidden, eps=1e-6) if gemma else LlamaRMSNorm(hidden, eps=1e-6)).to(DEVICE, dtype)
     with torch.no_grad():
@@ -99,5 +108,21 @@ def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora):
     torch.testing.assert_close(s.float(), ref_s.float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     with torch.no_grad():  # the reference is transformers' norm of the residual sum
-        expect_s = x + (y + (xa @ bt if lora else 0)).to(dtype)
+        expect_s = x + (_plain_sum(y) + (_plain_sum(xa) @ bt.float() if lora else 0)).to(dtype)
         torch.testing.assert_close(ref.float(), norm(expect_s).float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k", [(1, 50, 96), (3, 33, 130), (2, 64, 64)])
+def test_split_k_gemv_partials_sum_to_the_product(dtype, rows, n, k):
+    """The decode GEMV's partial sums over K splits add up to x @ W^T (N and K tails masked)."""
+    mod = kernel_module("decode_gemv")
+    g = torch.Generator().manual_seed(3)
+    x, w = _draw(g, rows, k, dtype=dtype), _draw(g, n, k, dtype=dtype)
+    cfg = (16, 32, 1, 1)
+    with force_triton():
+        parts = mod.gemv_partials(x, w, cfg)
+    assert parts.shape == (mod.splits(k, cfg), rows, n) and parts.dtype == torch.float32
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(parts.sum(0), mod.gemv_reference(x, w)[0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(parts.sum(0), (x.double() @ w.double().t()).float(), atol=atol, rtol=rtol)
