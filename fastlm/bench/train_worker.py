@@ -141,6 +141,39 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def batch_layout(side: str, padding_free: bool) -> str:
+    """How `side` receives the batches: "dense", or with --padding-free fastlm "packed" and HF "padded"."""
+    return "dense" if not padding_free else ("packed" if side == "fastlm" else "padded")
+
+
+def make_optimizer(model, lr: float):
+    """AdamW (no weight decay) over the trainable parameters. Returns (optimizer, those parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params
+
+
+def device_inputs(data: dict, device: str) -> dict:
+    """A `make_batch` result as model keyword arguments on `device` (its "tokens" count stays behind)."""
+    return {k: v.to(device, non_blocking=True) for k, v in data.items() if k != "tokens"}
+
+
+def train_step(model, optimizer, inputs: dict, dtype: torch.dtype, autocast: bool, mark=None) -> float:
+    """One step: forward (bf16 autocast on CUDA), backward, AdamW step, gradients dropped. Returns the loss.
+    `mark(phase)`, when given, is called after "forward", "backward" and "optimizer" (memory tracing)."""
+    with torch.autocast(device_type="cuda", dtype=dtype) if autocast else contextlib.nullcontext():
+        loss = model(**inputs, use_cache=False).loss
+    if mark is not None:
+        mark("forward")
+    loss.backward()
+    if mark is not None:
+        mark("backward")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if mark is not None:
+        mark("optimizer")
+    return loss.item()  # synchronises
+
+
 def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: int, rank: int, steps: int,
                warmup: int, lr: float, seed: int, padding_free: bool, offload_embedding: bool = False) -> dict:
     """Load `side` and train. Returns the result record (status "ok" / "OOM" / "error")."""
@@ -150,7 +183,7 @@ def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: in
               else "cpu", "dtype": str(dtype).replace("torch.", ""), "autocast": autocast,
               "memory": "torch.cuda.max_memory_allocated over the whole process (weights included)"
               if device == "cuda" else "peak resident memory of the process (no GPU)"}
-    layout = "dense" if not padding_free else ("packed" if side == "fastlm" else "padded")
+    layout = batch_layout(side, padding_free)
     record["layout"] = layout
     losses: list[float] = []
     times: list[float] = []
@@ -167,20 +200,14 @@ def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: in
         # whether a side's peak comes from training at all
         record["load_peak_gb"] = round(_peak_gb(device), 3)
         vocab = model.get_input_embeddings().weight.shape[0]
-        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, params = make_optimizer(model, lr)
         record["trainable_parameters"] = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for step in range(warmup + steps):
             data = make_batch(seed, step, batch, seq_len, vocab, layout)
-            inputs = {k: v.to(device, non_blocking=True) for k, v in data.items() if k != "tokens"}
+            inputs = device_inputs(data, device)
             _sync(device)
             start = time.perf_counter()
-            with torch.autocast(device_type="cuda", dtype=dtype) if autocast else contextlib.nullcontext():
-                loss = model(**inputs, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()  # synchronises
+            value = train_step(model, optimizer, inputs, dtype, autocast)
             _sync(device)
             losses.append(value)
             if step >= warmup:
