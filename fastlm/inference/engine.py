@@ -9,7 +9,7 @@ slots). On CUDA each bucket's decode step is compiled by inductor (fusing norms,
 once in a CUDA graph; replay copies the inputs into the graph's static buffers, so the token loop makes no host
 sync. On CPU the step runs eagerly. The prefill is compiled too on CUDA (`compile_prefill`): one regional compile of
 the layer with the token dimension dynamic serves every prompt length, short prompts padded to
-`PREFILL_MIN_TOKENS` positions. Families without an ArchSpec are refused (`UnsupportedModelError`); callers
+`PREFILL_MIN_TOKENS` positions (and one more compile serves every batch of several prompts). Families without an ArchSpec are refused (`UnsupportedModelError`); callers
 fall back to transformers' generate.
 """
 from __future__ import annotations
@@ -161,20 +161,19 @@ class Engine:
             head_c = torch.compile(prefill_head, backend=PREFILL_BACKEND, fullgraph=False)
 
             def layer(lv, x, positions, pos_c, slots, kc, vc, kv_len=None):
-                for tensor in (x, positions, pos_c):
-                    torch._dynamo.mark_dynamic(tensor, 1)
+                _mark_dynamic((x, positions, pos_c), (slots,))
                 return layer_c(lv, x, positions, pos_c, slots, kc, vc)
 
             def head(x, last):
-                torch._dynamo.mark_dynamic(x, 1)
+                _mark_dynamic((x,), (last,))
                 return head_c(x, last)
 
             self._prefill_fns = (layer, head)
         return self._prefill_fns
 
     def _warm_prefill(self, batch_sizes: list[int]) -> None:
-        """Compile the prefill now for these batch sizes (1, and 2 for any larger: the batch dimension is dynamic
-        from its second compile on) over a prompt of up to 128 tokens, keeping what the slots' cache held."""
+        """Compile the prefill now for these batch sizes (1, and 2 for any larger: one compile serves every batch
+        of two or more) over a prompt of up to 128 tokens, keeping what the slots' cache held."""
         width = min(self.max_len - 1, 128)
         if not self.use_prefill_compile or width < 2:
             return
@@ -365,6 +364,16 @@ class Engine:
             if bb not in self._graphs and self.use_graphs:
                 self._capture(bb)
         return time.perf_counter() - start
+
+
+def _mark_dynamic(batch_by_tokens, batch) -> None:
+    """Mark the token dimension of [B, T, ...] tensors dynamic, and the batch dimension of them and of the [B]
+    tensors where B >= 2 (a batch of one is its own compile: dynamo specialises sizes 0 and 1)."""
+    for tensor in batch_by_tokens:
+        torch._dynamo.mark_dynamic(tensor, 1)
+    if batch_by_tokens[0].shape[0] >= 2:
+        for tensor in batch_by_tokens + batch:
+            torch._dynamo.mark_dynamic(tensor, 0)
 
 
 def raise_dynamo_limits() -> None:

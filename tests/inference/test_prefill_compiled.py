@@ -12,7 +12,7 @@ from fastlm.inference.engine import Engine
 from fastlm.inference.sampling import SamplingParams
 from fastlm.inference.scheduler import Request, Scheduler
 
-BATCHES = [[3], [20], [5, 17], [1], [9, 9, 30], [31], [16, 2]]  # max_len 32: 31 is the longest compiled prompt
+BATCHES = [[3], [20], [5, 17], [1], [9, 9, 30], [31], [16, 2], [4, 8, 2, 25]]  # max_len 32: 31 is the longest compiled prompt
 
 
 def _prompts(lengths, seed=0):
@@ -42,8 +42,8 @@ def test_one_compile_serves_every_prompt_length_with_the_eager_logits(tiny_model
                                    rtol=1e-5, atol=1e-5)
         counts.append(counting_backend.frame_count)
     assert compiled.use_prefill_compile  # no fallback happened
-    # layer + head for one prompt, and once more for batches (the batch dimension turns dynamic): every later
-    # length and batch size reuses them
+    # layer + head for one prompt, and once more for batches (the batch dimension is dynamic from two prompts
+    # on): every later length and batch size reuses them
     assert counts[0] == 2 and counts[2] == 4 and counts[-1] == 4, counts
 
 
@@ -135,3 +135,15 @@ def test_inductor_prefill_equals_eager(tiny_model_factory, loaded):
                                    rtol=1e-4, atol=1e-4)
     assert compiled.use_prefill_compile
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "qwen2"])
+def test_other_families_prefill_compiled_equals_eager(tiny_model_factory, loaded, counting_backend, model_type):
+    """Per-layer-type RoPE and sliding layers (Gemma 3), partial rotary (Phi-3), q/k/v biases (Qwen2)."""
+    model, _ = loaded(tiny_model_factory(model_type), lora=True)
+    compiled = Engine(model, max_slots=2, max_len=32, fuse=True, compile_prefill=True)
+    eager = Engine(model, max_slots=2, max_len=32, fuse=True)
+    prompts = _prompts([21, 6])
+    torch.testing.assert_close(compiled.prefill([0, 1], prompts), eager.prefill([0, 1], prompts),
+                               rtol=1e-5, atol=1e-5)
+    assert compiled.use_prefill_compile and counting_backend.frame_count >= 2
