@@ -8,9 +8,9 @@
 slots). On CUDA each bucket's decode step is compiled by inductor (fusing norms, RoPE, activation) and captured
 once in a CUDA graph; replay copies the inputs into the graph's static buffers, so the token loop makes no host
 sync. On CPU the step runs eagerly. The prefill is compiled too on CUDA (`compile_prefill`): one regional compile of
-the layer with the token dimension dynamic serves every prompt length, short prompts padded to
-`PREFILL_MIN_TOKENS` positions (and one more compile serves every batch of several prompts). Families without an ArchSpec are refused (`UnsupportedModelError`); callers
-fall back to transformers' generate.
+the layer with the token dimension dynamic serves every prompt length (short prompts padded to `PREFILL_MIN_TOKENS`
+positions), one more every batch of several prompts. Families without an ArchSpec are refused
+(`UnsupportedModelError`); callers fall back to transformers' generate.
 """
 from __future__ import annotations
 

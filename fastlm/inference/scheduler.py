@@ -308,7 +308,6 @@ def _compiled_commit():
     step that precedes each capture)."""
     fn = _COMPILED_COMMIT.get(BOOKKEEPING_BACKEND)
     if fn is None:
-
         raise_dynamo_limits()
         fn = _COMPILED_COMMIT[BOOKKEEPING_BACKEND] = torch.compile(_commit, backend=BOOKKEEPING_BACKEND,
                                                                    fullgraph=True, dynamic=False)

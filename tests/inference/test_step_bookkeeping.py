@@ -1,6 +1,8 @@
 """The fused per-token bookkeeping (the scheduler's `_commit` compiled, what the whole-step CUDA graph captures on a
 GPU) writes exactly the state the eager one writes: tokens, output buffer, counts, done flags, positions, penalty
 records. CPU here: inductor's C++ backend for the function itself, and the scheduler forced onto the fused path."""
+import logging
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -54,7 +56,7 @@ def test_compiled_commit_writes_the_eager_state(sampling):
     torch._dynamo.reset()
 
 
-def _run(model, requests, fused, backend=None, monkeypatch=None):
+def _run(model, requests, fused):
     eng = Engine(model, max_slots=4, max_len=64, fuse=True)
     sched = Scheduler(eng, sync_every=4)
     sched.state.fused_bookkeeping = fused
@@ -91,4 +93,23 @@ def test_fused_scheduler_gives_the_eager_tokens(tiny_model_factory, loaded, monk
     assert fused[0].token_ids == free[:free.index(free[3]) + 1]
     assert [len(r.token_ids) for r in fused[1:]] == [len(r.token_ids) for r in eager[1:]]
     assert fused[2].finish_reason == "length" and len(fused[2].token_ids) == 7
+    torch._dynamo.reset()
+
+
+def test_a_failing_bookkeeping_compile_is_reported_once_and_runs_eagerly(tiny_model_factory, loaded, monkeypatch,
+                                                                        caplog):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(sched_mod, "BOOKKEEPING_BACKEND", broken)
+    model, tok = loaded(tiny_model_factory("llama"))
+    requests = [(tok(p)["input_ids"], SamplingParams(temperature=0, max_tokens=9), []) for p in ("red", "one two")]
+    eager = _run(model, requests, fused=False)
+    with caplog.at_level(logging.WARNING, logger="fastlm.inference.scheduler"):
+        fused = _run(model, requests, fused=True)
+    notices = [r for r in caplog.records if "token bookkeeping failed" in r.getMessage()]
+    assert len(notices) == 1 and "no compiler here" in notices[0].getMessage()
+    assert [r.token_ids for r in fused] == [r.token_ids for r in eager]
+    assert all(len(r.token_ids) == 9 for r in fused)
     torch._dynamo.reset()
