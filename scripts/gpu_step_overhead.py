@@ -124,6 +124,10 @@ def ttft(engine, prompt, res):
         times = [_ttft_once(engine, prompt) for _ in range(5)]
         res[f"ttft_ms_{name}"] = round(statistics.median(times), 3)
         logits[name] = engine.prefill([0], [prompt]).clone()
+        if DEVICE == "cuda":  # how much of the TTFT is GPU work (the rest is launch overhead: graphs would cut it)
+            count, _, gpu_ms = _kernels(lambda: engine.prefill([0], [prompt]), reps=3, with_time=True)
+            res[f"prefill_kernels_{name}"], res[f"prefill_gpu_ms_{name}"] = count, round(gpu_ms, 3)
+            log(f"prefill {name}: {count:.0f} GPU ops, {gpu_ms:.2f} ms of GPU time")
         log(f"TTFT {name:8s} prefill of {len(prompt)} tokens + argmax: median {res[f'ttft_ms_{name}']:.2f} ms "
             f"({', '.join(f'{x:.2f}' for x in times)})")
     if len(logits) == 2:
@@ -151,8 +155,9 @@ def decode_replay(engine, res, n=200):
     log(f"model-only decode replay: {res['decode_replay_ms']:.4f} ms")
 
 
-def _kernels(fn, reps=5):
-    """CUDA events (kernels, memcpy, memset) of fn() in launch order, per call: (count, names of one call)."""
+def _kernels(fn, reps=5, with_time=False):
+    """CUDA events (kernels, memcpy, memset) of fn() in launch order, per call: (count, names of one call), and
+    their summed GPU time per call in ms with_time."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -162,9 +167,13 @@ def _kernels(fn, reps=5):
         for _ in range(reps):
             fn()
         sync()
-    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    per = len(names) / reps
-    return per, names[:int(per)]
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    per = len(events) / reps
+    names = [e.name for e in events][:int(per)]
+    if not with_time:
+        return per, names
+    us = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) for e in events)
+    return per, names, us / reps / 1e3
 
 
 @part("whole step")
@@ -277,6 +286,10 @@ def main(argv=None):
     old = loop(engine, prompt, res, "before", prefill_compiled=False, fused=False, new_tokens=args.new_tokens)
     mid = loop(engine, prompt, res, "fused_only", prefill_compiled=False, fused=True, new_tokens=args.new_tokens)
     new = loop(engine, prompt, res, "after", prefill_compiled=prefill_new, fused=True, new_tokens=args.new_tokens)
+    for label in ("before", "after"):  # what the loop spends per token beyond the graph: the host syncs
+        loop_ms, step_ms = res.get(f"loop_ms_per_token_after_ttft_{label}"), res.get(f"step_replay_ms_{label}")
+        if loop_ms is not None and step_ms is not None:
+            res[f"host_residual_ms_{label}"] = round(loop_ms - step_ms, 4)
     compare_tokens(res, "bookkeeping", old, mid, args.new_tokens)  # must be identical: same model math
     compare_tokens(res, "new_vs_old_64", old, new, min(64, args.new_tokens))  # prefill rounding may move a tie
     res["errors"] = ERRORS
@@ -288,6 +301,8 @@ def main(argv=None):
 
     rows = [
         ("TTFT prefill+argmax (ms)", cell("ttft_ms_eager", "{:.2f}"), cell("ttft_ms_compiled", "{:.2f}")),
+        ("prefill GPU time (ms)", cell("prefill_gpu_ms_eager", "{:.2f}"), cell("prefill_gpu_ms_compiled", "{:.2f}")),
+        ("prefill GPU ops", cell("prefill_kernels_eager", "{:.0f}"), cell("prefill_kernels_compiled", "{:.0f}")),
         ("prefill compile (s)", "-", cell("prefill_compile_s", "{:.1f}")),
         ("warm-up: prefill + decode (s)", cell("decode_warmup_s", "{:.1f}"), cell("warmup_s", "{:.1f}")),
         ("decode replay, model only (ms)", cell("decode_replay_ms", "{:.4f}"), cell("decode_replay_ms", "{:.4f}")),
@@ -300,6 +315,8 @@ def main(argv=None):
         ("engine_run TTFT (ms)", cell("loop_ttft_ms_before", "{:.2f}"), cell("loop_ttft_ms_after", "{:.2f}")),
         ("ms/token after TTFT", cell("loop_ms_per_token_after_ttft_before", "{:.4f}"),
          cell("loop_ms_per_token_after_ttft_after", "{:.4f}")),
+        ("  minus whole-step replay (host)", cell("host_residual_ms_before", "{:.4f}"),
+         cell("host_residual_ms_after", "{:.4f}")),
         ("tokens equal, bookkeeping only", "", cell("tokens_equal_bookkeeping")),
         ("tokens equal, new vs old (64)", "", cell("tokens_equal_new_vs_old_64") + " (prefix "
          + cell("tokens_same_prefix_new_vs_old_64", "{}") + ")"),
