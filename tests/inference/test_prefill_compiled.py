@@ -62,7 +62,7 @@ def test_padded_positions_are_never_attended_later(tiny_model_factory, loaded, c
             steps.append(out.clone())
             tok, pos = out.argmax(-1), pos + 1
         outs.append(torch.stack(steps))
-    assert engine_mod.PREFILL_MIN_TOKENS == 16 and counting_backend.frame_count > 0
+    assert 7 < engine_mod.PREFILL_MIN_TOKENS and counting_backend.frame_count > 0  # both rows padded, compiled
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
