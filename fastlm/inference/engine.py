@@ -7,8 +7,10 @@
 `decode` runs slots 0..B-1 where B is a power-of-two bucket (the scheduler packs active sequences into the low
 slots). On CUDA each bucket's decode step is compiled by inductor (fusing norms, RoPE, activation) and captured
 once in a CUDA graph; replay copies the inputs into the graph's static buffers, so the token loop makes no host
-sync. On CPU the step runs eagerly. Families without an ArchSpec are refused (`UnsupportedModelError`); callers
-fall back to transformers' generate.
+sync. On CPU the step runs eagerly. The prefill is compiled too on CUDA (`compile_prefill`): one regional compile of
+the layer with the token dimension dynamic serves every prompt length (short prompts padded to `PREFILL_MIN_TOKENS`
+positions), one more every batch of several prompts. Families without an ArchSpec are refused
+(`UnsupportedModelError`); callers fall back to transformers' generate.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ from .decoder import DecoderView
 from .kv_cache import StaticKVCache
 
 logger = logging.getLogger(__name__)
+
+# the compiled prefill pads prompts shorter than this (never past the cache): every prompt length then runs the
+# same compiled graph (the LoRA up-projection writes 8 rows or fewer differently when compiled, see
+# decoder._lora_up, which would be a second compile for prompts of up to 8 tokens)
+PREFILL_MIN_TOKENS = 16
+PREFILL_BACKEND = "inductor"  # torch.compile backend of the prefill (tests count compiles with another one)
 
 
 class UnsupportedModelError(UnsupportedFeatureError):
@@ -51,11 +59,13 @@ class Engine:
     max_slots: sequences decoded together (the batch buckets are powers of two up to it).
     max_len: cache length per slot (prompt + generated tokens); defaults to the model's max_seq_length.
     cuda_graphs / compile: None = on for CUDA, off for CPU. fuse: concatenate q/k/v and gate/up weights once
-    (None = on for CUDA); adapters stay unmerged and exact either way.
+    (None = on for CUDA); adapters stay unmerged and exact either way. compile_prefill: run the prefill through
+    torch.compile as well (None = where the decode step is compiled on CUDA; compiled lazily at the first prefill
+    or in `warmup`; a failed compile is reported once and the prefill runs eagerly from then on).
     """
 
     def __init__(self, model, max_slots: int = 1, max_len: int | None = None, cuda_graphs: bool | None = None,
-                 compile: bool | None = None, fuse: bool | None = None):
+                 compile: bool | None = None, fuse: bool | None = None, compile_prefill: bool | None = None):
         base = base_model_of(model)
         spec = lookup(getattr(base.config, "model_type", None))
         if spec is None or not hasattr(getattr(base, "model", None), "layers"):
@@ -76,6 +86,11 @@ class Engine:
         self.max_len = int(max_len)
         self.use_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.use_compile = on_cuda if compile is None else compile
+        if compile_prefill not in (None, True, False):
+            raise ValueError(f"compile_prefill={compile_prefill!r}: must be None (compiled where the decode step is "
+                             "compiled on CUDA), True or False")
+        self.use_prefill_compile = (on_cuda and self.use_compile) if compile_prefill is None else compile_prefill
+        self._prefill_fns = None  # (layer, head) compiled for the prefill, built at the first compiled prefill
         self.view = DecoderView(base, spec, self.max_len, fuse=on_cuda if fuse is None else fuse)
         self.cache = StaticKVCache(len(self.view.layers), max_slots, self.view.n_kv, self.max_len,
                                    self.view.head_dim, self.view.dtype, device)
@@ -95,7 +110,9 @@ class Engine:
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write each prompt into its slot from position 0 and return the last token's logits [n, V] (float32).
-        Rows are right-padded to the longest prompt; pad positions are never attended later."""
+        Rows are right-padded to the longest prompt (the compiled prefill pads to at least PREFILL_MIN_TOKENS
+        positions); a pad position of a slot is written here but never attended later: a decode step writes its
+        own key and value at its position before attending to positions up to it."""
         if len(slots) != len(prompts) or not prompts:
             raise ValueError("prefill needs one slot per prompt")
         lengths = [len(p) for p in prompts]
@@ -104,14 +121,70 @@ class Engine:
         t = max(lengths)
         if t > self.max_len:
             raise ValueError(f"prompt of {t} tokens does not fit the engine's cache of {self.max_len}")
-        tokens = torch.zeros(len(prompts), t, dtype=torch.long)
+        # compiled: 2 <= width < max_len, one graph for all (a token dimension of 1 is the decode step's shape, and
+        # one of the whole cache's length would be specialised); the rare prompt that fills the cache runs eagerly
+        compiled = self.use_prefill_compile and t < self.max_len and self.max_len > 2
+        width = min(max(t, 2, PREFILL_MIN_TOKENS), self.max_len - 1) if compiled else t
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device, non_blocking=True)
-        positions = torch.arange(t, device=self.device)[None].expand(len(prompts), t)
+        positions = torch.arange(width, device=self.device)[None].expand(len(prompts), width).contiguous()
         last = torch.as_tensor([n - 1 for n in lengths], device=self.device)
         slot_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        return self.view.forward(tokens, positions, slot_t, self.cache.k, self.cache.v, last=last, kv_len=t)
+        if compiled:
+            try:
+                layer, head = self._prefill_compiled()
+                return self.view.forward(tokens, positions, slot_t, self.cache.k, self.cache.v, last=last,
+                                         layer=layer, head=head)
+            except Exception as exc:  # noqa: BLE001 - eager from now on, reported once
+                logger.warning("fastlm engine: the compiled prefill failed (%s); prefilling eagerly",
+                               first_line(exc))
+                self.use_prefill_compile = False
+                self._prefill_fns = None
+        return self.view.forward(tokens, positions, slot_t, self.cache.k, self.cache.v, last=last, kv_len=width)
+
+    def _prefill_compiled(self):
+        """(layer, head) for `DecoderView.forward` over a prompt: the view's own layer and head compiled once with
+        the token dimension dynamic (each layer attends to the cache positions 0..T-1 it has just written)."""
+        if self._prefill_fns is None:
+            raise_dynamo_limits()
+            view = self.view
+
+            def prefill_layer(lv, x, positions, pos_c, slots, kc, vc):
+                return view.layer(lv, x, positions, pos_c, slots, kc, vc, x.shape[1])
+
+            def prefill_head(x, last):
+                return view.head(x, last)
+
+            layer_c = torch.compile(prefill_layer, backend=PREFILL_BACKEND, fullgraph=False)
+            head_c = torch.compile(prefill_head, backend=PREFILL_BACKEND, fullgraph=False)
+
+            def layer(lv, x, positions, pos_c, slots, kc, vc, kv_len=None):
+                _mark_dynamic((x, positions, pos_c), (slots,))
+                return layer_c(lv, x, positions, pos_c, slots, kc, vc)
+
+            def head(x, last):
+                _mark_dynamic((x,), (last,))
+                return head_c(x, last)
+
+            self._prefill_fns = (layer, head)
+        return self._prefill_fns
+
+    def _warm_prefill(self, batch_sizes: list[int]) -> None:
+        """Compile the prefill now for these batch sizes (1, and 2 for any larger: one compile serves every batch
+        of two or more) over a prompt of up to 128 tokens, keeping what the slots' cache held."""
+        width = min(self.max_len - 1, 128)
+        if not self.use_prefill_compile or width < 2:
+            return
+        sizes = sorted({min(n, 2) for n in batch_sizes if n <= self.max_slots} or {1})
+        for n in sizes:
+            saved = [c[:n, :, :width].clone() for c in self.cache.k + self.cache.v]
+            try:
+                self.prefill(list(range(n)), [[1] * width] * n)
+            finally:
+                for c, kept in zip(self.cache.k + self.cache.v, saved):
+                    c[:n, :, :width] = kept
 
     def bucket(self, n: int) -> int:
         return min(_next_pow2(n), self.max_slots) if n <= self.max_slots else self._too_many(n)
@@ -165,7 +238,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - the caller falls back to uncaptured steps
             if not getattr(self, "_capture_with_failed", False):
                 logger.warning("fastlm engine: sampling could not be captured with the decode step (%s); "
-                               "sampling runs outside the graph", _first_line(exc))
+                               "sampling runs outside the graph", first_line(exc))
                 self._capture_with_failed = True
             return None
 
@@ -173,13 +246,7 @@ class Engine:
         if not self.use_compile:
             return self._decode_eager
         if self._compiled is None:
-            import torch._dynamo as dynamo
-
-            # every engine (and batch-size bucket) is a fresh compile of the same code: keep dynamo from falling
-            # back to eager after its default limit of 8
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            if hasattr(dynamo.config, "accumulated_cache_size_limit"):
-                dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
+            raise_dynamo_limits()
             # regional compilation: one layer's code is compiled once and serves every layer (the layers differ
             # only in their tensors, and sliding/global attention at most), which keeps the warm-up short; the
             # batch buckets differ only in the batch size (automatic dynamic shapes: one more compile at most)
@@ -204,7 +271,7 @@ class Engine:
             out = None
             if self.use_compile:
                 logger.warning("fastlm engine: compiled decode step could not be captured (%s); capturing "
-                               "the eager step instead", _first_line(exc))
+                               "the eager step instead", first_line(exc))
                 self.use_compile = False
                 self._compiled = None
                 try:
@@ -213,7 +280,7 @@ class Engine:
                     exc = exc2
             if out is None:
                 logger.warning("fastlm engine: the decode step could not be captured in a CUDA graph (%s); "
-                               "decoding without graphs", _first_line(exc))
+                               "decoding without graphs", first_line(exc))
                 self.use_graphs = False
                 torch.cuda.synchronize()
                 return None
@@ -241,7 +308,7 @@ class Engine:
             other = self._graph_capture(self._step_fn(), tok.clone(), pos.clone())
             t_kernel = self._replay_ms(other, b)
         except Exception as exc:  # noqa: BLE001 - the measured form stays
-            logger.debug("fastlm engine: decode-attention kernel not captured (%s)", _first_line(exc))
+            logger.debug("fastlm engine: decode-attention kernel not captured (%s)", first_line(exc))
             view.compiled_attention = "sum"
             return first
         choice = "kernel" if t_kernel < t_sum else "sum"
@@ -287,10 +354,11 @@ class Engine:
         return graph, tok, pos, out
 
     def warmup(self, buckets: list[int] | None = None) -> float:
-        """Compile and capture the decode step for these batch sizes now; returns the seconds spent."""
-        if not self.use_graphs:
-            return 0.0
+        """Compile the prefill and compile and capture the decode step for these batch sizes now; returns the
+        seconds spent (also added to `warmup_seconds`)."""
         start = time.perf_counter()
+        self._warm_prefill(buckets or [1])
+        self.warmup_seconds += time.perf_counter() - start
         for b in buckets or [1]:
             bb = self.bucket(b)
             if bb not in self._graphs and self.use_graphs:
@@ -298,8 +366,31 @@ class Engine:
         return time.perf_counter() - start
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+def _mark_dynamic(batch_by_tokens, batch) -> None:
+    """Mark the token dimension of [B, T, ...] tensors dynamic, and the batch dimension of them and of the [B]
+    tensors where B >= 2 (a batch of one is its own compile: dynamo specialises sizes 0 and 1)."""
+    for tensor in batch_by_tokens:
+        torch._dynamo.mark_dynamic(tensor, 1)
+    if batch_by_tokens[0].shape[0] >= 2:
+        for tensor in batch_by_tokens + batch:
+            torch._dynamo.mark_dynamic(tensor, 0)
+
+
+def raise_dynamo_limits() -> None:
+    """Every engine (and batch-size bucket) is a fresh compile of the same code: keep dynamo from falling back to
+    eager after its default limit of 8."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    if hasattr(dynamo.config, "accumulated_cache_size_limit"):
+        dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's first line, with the next one where it only announces it (dynamo's "backend=... raised:")."""
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text[:200]
 
 
 def get_engine(model, slots: int, max_len: int) -> Engine:

@@ -177,7 +177,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, row_ids: list[int], n_gen: torch.Tensor):
         """logits [B, V] float32 for slot indices `rows` (device) / `row_ids` (host); n_gen [B] tokens generated
         so far. Returns (tokens [B], processed logits [B, V] used for the draw)."""
-        flags = self.flags(row_ids)
+        processed, drawn, temp = self.prepare(logits, rows, row_ids, n_gen)
+        return choose_tokens(processed, drawn, temp), processed
+
+    def prepare(self, logits: torch.Tensor, rows: torch.Tensor, row_ids: list[int], n_gen: torch.Tensor | None,
+                flags: dict | None = None):
+        """The floating-point part of `sample` (penalties, EOS masking, temperature, top-k/p, min-p, the draw),
+        always eager: (processed logits [B, V], drawn [B] or None when no row samples, temperature [B] or None).
+        `choose_tokens` makes the tokens of them. n_gen [B] is read only for min_tokens (None otherwise)."""
+        flags = self.flags(row_ids) if flags is None else flags
         logits = logits[:, :self.vocab] if logits.shape[1] > self.vocab else logits
         if flags["rep"]:
             rep = self.rep[rows][:, None]
@@ -193,9 +201,8 @@ class Sampler:
             block.scatter_(1, torch.where(eos < 0, logits.shape[1], eos), True)
             block = block[:, :-1] & (n_gen < self.min_new[rows])[:, None]
             logits = logits.masked_fill(block, float("-inf"))
-        greedy = logits.argmax(-1)
         if not flags["sample"]:
-            return greedy, logits
+            return logits, None, None
         temp = self.temperature[rows]
         scores = logits / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
         if flags["top_k"]:
@@ -221,12 +228,22 @@ class Sampler:
             g = self.generators.get(r)
             if g is not None:
                 noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(1.0, generator=g)
-        drawn = (probs / noise).argmax(-1)
-        return torch.where(temp > 0, drawn, greedy), logits
+        return logits, (probs / noise).argmax(-1), temp
 
-    def observe(self, rows: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor) -> None:
-        """Record sampled tokens of active rows for the penalties."""
-        if self.seen is not None:
-            self.seen[rows, tokens] |= active
-        if self.counts is not None:
-            self.counts[rows, tokens] += active.float()
+
+def choose_tokens(processed: torch.Tensor, drawn: torch.Tensor | None, temp: torch.Tensor | None) -> torch.Tensor:
+    """The tokens of `Sampler.prepare`'s result: the drawn one where the temperature is above 0, else the argmax
+    of the processed logits. Exact operations only (argmax, compare, select), so a compiled copy of it (the
+    scheduler's fused bookkeeping) picks bit-identical tokens."""
+    greedy = processed.argmax(-1)
+    return greedy if drawn is None else torch.where(temp > 0, drawn, greedy)
+
+
+def observe_tokens(seen: torch.Tensor | None, counts: torch.Tensor | None, rows: torch.Tensor, tokens: torch.Tensor,
+                   active: torch.Tensor) -> None:
+    """Record the tokens of active rows for the penalties: `Sampler.seen` [slots, V] (repetition) and
+    `Sampler.counts` [slots, V] (presence / frequency), when allocated. Exact operations, as in choose_tokens."""
+    if seen is not None:
+        seen[rows, tokens] |= active
+    if counts is not None:
+        counts[rows, tokens] += active.float()

@@ -3,7 +3,10 @@
 Requests wait in a queue; a free slot takes the next one (prefill), all occupied slots decode together in the
 smallest power-of-two bucket that covers them, and a finished sequence frees its slot for the next prompt.
 Token bookkeeping (output buffer, lengths, EOS and length checks) lives on the device; the host looks only every
-`sync_every` steps (every step while someone streams), so the token loop itself makes no host sync.
+`sync_every` steps (every step while someone streams), so the token loop itself makes no host sync. Where the
+engine compiles and captures (CUDA), the exact part of a decode step's bookkeeping (argmax, stop checks, the
+writes into the device state) is one compiled function (`_commit`), a few fused kernels instead of ~25 small ones;
+the floating-point part of sampling (penalties, softmax, the draw) stays eager, so the tokens are bit-identical.
 
     sched = Scheduler(engine, tokenizer)
     sched.add(Request(prompt_ids=[...], params=SamplingParams(...), eos_ids=[2]))
@@ -12,14 +15,17 @@ Token bookkeeping (output buffer, lengths, EOS and length checks) lives on the d
 from __future__ import annotations
 
 import collections
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .engine import Engine
-from .sampling import Sampler, SamplingParams
+from .engine import Engine, first_line, raise_dynamo_limits
+from .sampling import Sampler, SamplingParams, choose_tokens, observe_tokens
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +64,8 @@ class _DeviceState:
         self.sampler = Sampler(s, engine.vocab_size, dev)
         self.rows = {}  # bucket -> arange(bucket), persistent for the graphs
         self.graphs = {}  # step key -> captured graph (None: capture failed, decode uncaptured)
+        # decode steps run `_commit` compiled (fused kernels) where the engine compiles and captures its step
+        self.fused_bookkeeping = bool(engine.use_graphs and engine.use_compile)
         self.owner = None  # weakref to the scheduler using it
 
     def take(self, scheduler) -> bool:
@@ -182,11 +190,17 @@ class Scheduler:
         self.done[slot_t] = False
         self._take_tokens(logits, slot_t, slots, torch.ones(len(slots), dtype=torch.bool, device=dev))
 
-    def _take_tokens(self, logits, rows, row_ids, active):
-        tok, processed = self.sampler.sample(logits, rows, row_ids, self.n_gen[rows])
-        tok = torch.where(active, tok, self.cur[rows])
-        idx = self.n_gen[rows].clamp(max=self.gen.shape[1] - 1)
-        self.gen[rows, idx] = torch.where(active, tok, self.gen[rows, idx])
+    def _take_tokens(self, logits, rows, row_ids, active=None, fused: bool = False):
+        """Pick the next token of `rows` (slot indices, device; `row_ids` the same on the host) from logits [B, V]
+        and record it. active [B] bool: the rows that take a token; None: the decode rows not yet done, whose
+        positions then advance too. fused: the exact bookkeeping runs compiled (`_commit_fused`)."""
+        flags = self.sampler.flags(row_ids)
+        n_gen = self.n_gen[rows] if flags["min_new"] else None
+        processed, drawn, temp = self.sampler.prepare(logits, rows, row_ids, n_gen, flags)
+        args = (processed, drawn, temp, rows, active, None if active is not None else self.pos, self.cur,
+                self.n_gen, self.gen, self.max_new, self.done, self.sampler.eos, self.sampler.seen,
+                self.sampler.counts)
+        tok, idx = self._commit_fused(args) if fused else _commit(*args)
         if self.state.logp is not None:
             lp = torch.log_softmax(logits.float(), dim=-1)
             k = self.state.logp.shape[2] - 1
@@ -194,21 +208,28 @@ class Scheduler:
             chosen = lp.gather(1, tok[:, None])
             self.state.logp[rows, idx] = torch.cat([chosen, top.values], 1)
             self.state.logp_ids[rows, idx] = torch.cat([tok[:, None], top.indices], 1)
-        self.sampler.observe(rows, tok, active)
-        self.n_gen[rows] += active.long()
-        self.cur[rows] = tok
-        eos = self.sampler.eos[rows]
-        hit = ((tok[:, None] == eos) & (eos >= 0)).any(-1)
-        self.done[rows] |= active & (hit | (self.n_gen[rows] >= self.max_new[rows]))
+
+    def _commit_fused(self, args):
+        """`_commit` compiled (inductor fuses its ~25 small launches into a few kernels); a failed compile is
+        reported once and the state falls back to the eager `_commit` (inside a graph capture the error goes to
+        the capture, which then runs the step uncaptured)."""
+        if self.state.fused_bookkeeping:
+            try:
+                return _compiled_commit()(*args)
+            except Exception as exc:  # noqa: BLE001
+                if self.engine.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise
+                logger.warning("fastlm scheduler: the compiled token bookkeeping failed (%s); running it eagerly",
+                               first_line(exc))
+                self.state.fused_bookkeeping = False
+        return _commit(*args)
 
     def _decode_once(self, b, rows, row_ids, captured: bool = False):
         if captured:  # inside a capture: the raw step on the persistent inputs, no graph replay of its own
             logits = self.engine.step(self.cur[:b], self.pos[:b])
         else:
             logits = self.engine.decode(self.cur[:b], self.pos[:b])
-        active = ~self.done[:b]
-        self._take_tokens(logits, rows, row_ids, active)
-        self.pos[:b] += active.long()
+        self._take_tokens(logits, rows, row_ids, fused=self.state.fused_bookkeeping)
 
     def _sync(self) -> list[Result]:
         done = self.done.tolist()
@@ -252,6 +273,45 @@ class Scheduler:
         vals = self.state.logp[slot, :n, :1 + k].tolist()
         ids = self.state.logp_ids[slot, :n, :1 + k].tolist()
         return [dict(zip(i, v)) for i, v in zip(ids, vals)]
+
+
+def _commit(processed, drawn, temp, rows, active, pos, cur, n_gen, gen, max_new, done, eos, seen, counts):
+    """The exact part of taking a token for `rows` [B]: choose it (`choose_tokens`), write it into the output
+    buffer gen [slots, cap] at the row's count, record it for the penalties, count it, and mark rows done on an
+    EOS / stop id or at max_new. active [B] bool: rows that take a token (None: ~done[rows], and pos[rows] of
+    those advances). Inactive rows keep their current token and state. Returns (tokens [B], the gen column [B]).
+    Only exact operations: compiled (`_compiled_commit`) it writes bit-identical state."""
+    if active is None:
+        active = ~done[rows]
+    tok = torch.where(active, choose_tokens(processed, drawn, temp), cur[rows])
+    count = n_gen[rows]
+    idx = count.clamp(max=gen.shape[1] - 1)
+    gen[rows, idx] = torch.where(active, tok, gen[rows, idx])
+    observe_tokens(seen, counts, rows, tok, active)
+    count = count + active.long()
+    n_gen[rows] = count
+    cur[rows] = tok
+    stop_ids = eos[rows]
+    hit = ((tok[:, None] == stop_ids) & (stop_ids >= 0)).any(-1)
+    done[rows] |= active & (hit | (count >= max_new[rows]))
+    if pos is not None:
+        pos[rows] += active.long()
+    return tok, idx
+
+
+BOOKKEEPING_BACKEND = "inductor"  # torch.compile backend of `_commit` (tests may count compiles with another)
+_COMPILED_COMMIT = {}
+
+
+def _compiled_commit():
+    """`_commit` under torch.compile (one compile per batch bucket and sampling variant, made by the uncaptured
+    step that precedes each capture)."""
+    fn = _COMPILED_COMMIT.get(BOOKKEEPING_BACKEND)
+    if fn is None:
+        raise_dynamo_limits()
+        fn = _COMPILED_COMMIT[BOOKKEEPING_BACKEND] = torch.compile(_commit, backend=BOOKKEEPING_BACKEND,
+                                                                   fullgraph=True, dynamic=False)
+    return fn
 
 
 def _find_stop(tokenizer, ids, stops, params):
