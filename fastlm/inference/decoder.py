@@ -33,6 +33,7 @@ from ..kernels.reference import rotate_half
 NF4_MAX_ROWS = 4  # up to this many rows (decode batch x tokens) read NF4 weights directly; more dequantize
 # decode batches up to this size run the fused epilogue kernels (each row program re-reads the adapters' B)
 EPILOGUE_MAX_ROWS = 4
+ROW_SPLITS = 4  # split-K partial sums the residual-norm epilogue (one program per row) may add
 # the compiled decode step's attention: "sum" (products and sums, measured on the H100), "kernel" (the Triton
 # decode-attention custom op) or "auto" (the engine captures each batch bucket both ways on the GPU and keeps the
 # faster replay; scripts/gpu_engine_profile.py compares them)
@@ -157,10 +158,14 @@ class Projection:
         self.kind = kind
         self.fused = True
         self.gemv = None  # split-K GEMV config (kernels/decode_gemv.py) where it beats cuBLAS on this device
-        if kind == "dense" and self.bias is None:
+
+    def tune_gemv(self, max_splits: int) -> None:
+        """Pick the split-K GEMV for `raw` (dense fused weights without bias) when it beats cuBLAS here; its
+        consumer adds at most `max_splits` partial sums per output."""
+        if self.fused and self.kind == "dense" and self.bias is None:
             from ..kernels.decode_gemv import gemv_config
 
-            self.gemv = gemv_config(self.weight)
+            self.gemv = gemv_config(self.weight, max_splits=max_splits)
 
     @torch.no_grad()
     def refresh_adapters(self) -> None:
@@ -395,6 +400,12 @@ class DecoderView:
         for lv, nxt in zip(self.layers, nexts):
             if lv.epilogue is not None:
                 lv.epilogue.next_norm = nxt
+        if self.epilogues:
+            for lv in self.layers:
+                # q/k/v and gate/up feed kernels with a program per head or column block; o and down feed the
+                # residual norm, one program per row, which reads every partial sum of the row itself
+                for proj, splits in ((lv.qkv, 16), (lv.o, ROW_SPLITS), (lv.gate_up, 16), (lv.down, ROW_SPLITS)):
+                    proj.tune_gemv(splits)
         self.projections = [p for lv in self.layers for p in (lv.qkv, lv.o, lv.gate_up, lv.down)]
         self.fused = fuse and all(lv.qkv.fused and lv.gate_up.fused and lv.o.fused and lv.down.fused
                                   for lv in self.layers)
@@ -457,20 +468,21 @@ class DecoderView:
         b, t = tokens.shape
         if (t == 1 and slots is None and kv_len is None and self.epilogues and b <= EPILOGUE_MAX_ROWS
                 and use_triton(x)):
-            x = x.reshape(b, -1)
-            h = self.layers[0].input_norm(x)
+            x, h = x.reshape(b, -1), None  # the first layer norms its input inside its compiled code
             for i, lv in enumerate(self.layers):
-                x, h = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len, normed=h)
+                x, h = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len, normed=h, epilogue=True)
             return head(x, last, normed=h)
         for i, lv in enumerate(self.layers):
             x = layer(lv, x, positions, pos_c, slots, k_cache[i], v_cache[i], kv_len)
         return head(x, last)
 
-    def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None, normed=None):
-        """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c. With `normed` (the
-        layer's input norm of x [B, hidden], decode only) it runs `_decode_layer` and returns (x, next normed)."""
-        if normed is not None:
-            return self._decode_layer(lv, x, normed, positions, pos_c, kc, vc)
+    def layer(self, lv: LayerView, x, positions, pos_c, slots, kc, vc, kv_len: int | None = None, normed=None,
+              epilogue: bool = False):
+        """One decoder layer over x [B, T, hidden]; writes this layer's cache kc / vc at pos_c. With `epilogue`
+        (decode, x [B, hidden]) it runs `_decode_layer` on `normed`, the layer's input norm of x (None: computed
+        here), and returns (x, the next layer's normed input)."""
+        if epilogue:
+            return self._decode_layer(lv, x, lv.input_norm(x) if normed is None else normed, positions, pos_c, kc, vc)
         b, t = x.shape[:2]
         hd = self.head_dim
         cos_t, sin_t = self.rope[lv.rope_key]

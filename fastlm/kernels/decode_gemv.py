@@ -65,18 +65,19 @@ def _fits(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.stride(1) == 1 and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-def gemv_config(w: torch.Tensor, rows: int = 1) -> tuple | None:
+def gemv_config(w: torch.Tensor, rows: int = 1, max_splits: int = MAX_SPLITS) -> tuple | None:
     """The fastest config for W's shape when it beats cuBLAS' F.linear on this device (timed once per shape, 20
-    launches in a CUDA graph, each candidate's output checked against F.linear); None otherwise, off CUDA, or for
-    a weight the kernel does not read. A fixed config under the interpreter (tests). Call it outside torch.compile."""
+    launches in a CUDA graph, each candidate's output checked against F.linear) with at most `max_splits` partial
+    sums; None otherwise, off CUDA, or for a weight the kernel does not read. A fixed config under the interpreter
+    (tests). Call it outside torch.compile."""
     if not HAS_TRITON or not _fits(w):
         return None
-    if interpreter_on():
-        return (16, 32, 1, 1)  # K of a tiny test model spans several splits
+    if interpreter_on():  # K of a tiny test model spans several splits of 32
+        return (16, 32, max(1, -(-w.shape[1] // (32 * max_splits))), 1)
     if w.device.type != "cuda":
         return None
     n, k = w.shape
-    key = (n, k, w.dtype, rows, str(w.device))
+    key = (n, k, w.dtype, rows, str(w.device), max_splits)
     if key in _TUNED:
         return _TUNED[key]
     x = torch.randn(rows, k, device=w.device, dtype=w.dtype)
@@ -94,7 +95,7 @@ def gemv_config(w: torch.Tensor, rows: int = 1) -> tuple | None:
     best_ms, best = timed(lambda: torch.nn.functional.linear(x, w)), None
     for cfg in _CONFIGS:
         s = splits(k, cfg)
-        if s > MAX_SPLITS:
+        if s > min(max_splits, MAX_SPLITS):
             continue
         out = torch.empty(s, rows, n, device=w.device, dtype=torch.float32)
         try:
