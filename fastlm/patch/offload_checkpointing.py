@@ -84,14 +84,36 @@ class OffloadedInput:
             self.ready = torch.cuda.Event()
             self.ready.record(side)
 
-    def load(self) -> torch.Tensor:
+    def load(self) -> tuple[torch.Tensor, "OffloadedInput | None"]:
+        """(this input on the GPU, the input the backward needs next, whose prefetch the caller starts)."""
         following = self.state.take(self)
         self.prefetch()
-        if following is not None:
-            following.prefetch()  # overlaps with this layer's recompute and backward
         torch.cuda.current_stream(self.device).wait_event(self.ready)
         x, self.gpu, self.host = self.gpu, None, None
-        return x
+        return x, following
+
+
+def _prefetch_after_mlp_backward(module: nn.Module | None, following: OffloadedInput | None):
+    """Start copying the next layer's input back once this layer's MLP backward is done (a hook on the gradient of
+    the MLP's input, set when the recompute runs the MLP), so the copy overlaps the attention backward and its
+    buffer is not live during the MLP backward, where a layer's backward peaks (the 1B bench's training peak, by
+    scripts/gpu_train_memory.py). Without an `mlp` submodule: at once, overlapping the whole recompute. Returns the
+    forward pre-hook handle to remove after the recompute (or None)."""
+    if following is None:
+        return None
+    mlp = getattr(module, "mlp", None) if module is not None else None
+    if not isinstance(mlp, nn.Module):
+        following.prefetch()
+        return None
+
+    def on_forward(_mod, args):
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        if x is not None and x.requires_grad:
+            x.register_hook(lambda grad: following.prefetch())
+        else:
+            following.prefetch()
+
+    return mlp.register_forward_pre_hook(on_forward)
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
@@ -102,8 +124,10 @@ def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
 class _Call:
     """What the recompute needs besides tensors: the layer call, where each flat input goes, RNG and autocast."""
 
-    def __init__(self, function: functools.partial, n_args: int, grad_kwargs: list[str], state: OffloadState):
+    def __init__(self, function: functools.partial, n_args: int, grad_kwargs: list[str], state: OffloadState,
+                 module: nn.Module | None = None):
         self.function, self.n_args, self.grad_kwargs, self.state = function, n_args, grad_kwargs, state
+        self.module = module
 
     def run(self, args, grad_kw_values):
         kwargs = dict(self.function.keywords)
@@ -140,9 +164,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs = list(saved[:ctx.n_in])
         params = saved[ctx.n_in:]
+        hook, following = None, None
         if ctx.offloaded is not None:
-            inputs[0] = ctx.offloaded.load()
+            inputs[0], following = ctx.offloaded.load()
             ctx.offloaded = None
+            hook = _prefetch_after_mlp_backward(call.module, following)
         for i, value in ctx.non_tensors.items():
             inputs[i] = value
         detached = [t.detach().requires_grad_(req) if torch.is_tensor(t) else t
@@ -155,13 +181,19 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             for kind, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type=kind, dtype=dtype, enabled=enabled))
             stack.enter_context(torch.enable_grad())
-            outputs = call.run(detached[:call.n_args], detached[call.n_args:])
+            try:
+                outputs = call.run(detached[:call.n_args], detached[call.n_args:])
+            finally:
+                if hook is not None:
+                    hook.remove()
         outputs = (outputs,) if torch.is_tensor(outputs) else tuple(outputs)
         pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs)
                  if torch.is_tensor(out) and out.requires_grad and grad is not None]
         wanted = [t for t in detached if torch.is_tensor(t) and t.requires_grad] + list(params)
         grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
             if pairs and wanted else [None] * len(wanted)
+        if following is not None:
+            following.prefetch()  # no-op when the hook started it; else (no grad reached the MLP input) now
         grads = iter(grads)
         input_grads = [next(grads) if torch.is_tensor(t) and t.requires_grad else None for t in detached]
         return (None, *input_grads, *grads)
@@ -185,7 +217,7 @@ def offloaded_checkpoint(function, *args, state: OffloadState):
     needs_grad = any(torch.is_tensor(a) and a.requires_grad for a in args) or grad_kwargs or params
     if not torch.is_grad_enabled() or not needs_grad:
         return function(*args)
-    call = _Call(function, len(args), grad_kwargs, state)
+    call = _Call(function, len(args), grad_kwargs, state, module)
     return OffloadedCheckpointFunction.apply(call, *args, *[function.keywords[k] for k in grad_kwargs], *params)
 
 
