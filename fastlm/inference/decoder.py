@@ -153,11 +153,29 @@ class Projection:
             else:
                 self.lora_a = torch.zeros(rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
             self.lora_b = torch.zeros(start, rank, dtype=a0.dtype, device=a0.device)
-            self.lora_bt = torch.zeros(rank, start, dtype=a0.dtype, device=a0.device)  # B^T for the epilogues
+            self._epilogue_adapters(start, rank, a0)
             self.refresh_adapters()
         self.kind = kind
         self.fused = True
         self.gemv = None  # split-K GEMV config (kernels/decode_gemv.py) where it beats cuBLAS on this device
+
+    def _epilogue_adapters(self, n: int, rank: int, a0) -> None:
+        """B^T for the epilogue kernels and each output slice's first rank in x A^T (`xa_offsets`, one per entry of
+        `sizes`). With one adapter per module and equal ranks the slices' B^T share rows (`compact`: [r, N], the
+        kernels read only a slice's own ranks); otherwise B^T is block-diagonal [R, N] and every offset 0."""
+        ranks = [a.shape[0] for a, *_ in self.lora]
+        spans = [(start, stop) for *_, start, stop in self.lora]
+        self.compact = len(set(ranks)) == 1 and len(set(spans)) == len(spans)
+        self.lora_bt = torch.zeros(ranks[0] if self.compact else rank, n, dtype=a0.dtype, device=a0.device)
+        firsts, r0 = [], 0
+        for r, (start, stop) in zip(ranks, spans):
+            firsts.append((start, stop, r0))
+            r0 += r
+        self.xa_offsets, col = [], 0
+        for size in self.sizes:
+            hit = [first for start, stop, first in firsts if start <= col < stop]
+            self.xa_offsets.append(hit[0] if self.compact and hit else 0)
+            col += size
 
     def tune_gemv(self, max_splits: int) -> None:
         """Pick the split-K GEMV for `raw` (dense fused weights without bias) when it beats cuBLAS here; its
@@ -174,8 +192,11 @@ class Projection:
             r1 = r0 + a.shape[0]
             self.lora_a[r0:r1].copy_(a)
             self.lora_b[start:stop, r0:r1].copy_(b * s)
+            if self.compact:
+                self.lora_bt[:, start:stop].copy_((b * s).t())
             r0 = r1
-        self.lora_bt.copy_(self.lora_b.t())
+        if not self.compact:
+            self.lora_bt.copy_(self.lora_b.t())
 
     def _module_outputs(self, x):
         outs = [m(x) for m in self.modules]
@@ -215,8 +236,8 @@ class Projection:
 
     def raw(self, x: torch.Tensor):
         """For the decode epilogue kernels, x [rows, K] -> (y [rows, >= N] or [S, rows, >= N] fp32 partial sums of
-        the split-K GEMV, xa [rows, R] (or its partial sums) or None, B^T [R, N] or None): the outputs side by side
-        in y's first N columns, still without the adapters' term xa @ B^T, which the epilogue adds (the modules' own
+        the split-K GEMV, xa [rows, R] (or its partial sums) or None, (B^T, xa_offsets) or None): the outputs side
+        by side in y's first N columns, still without the adapters' term, which the epilogue adds (the modules' own
         outputs, adapters included, where the weights are not fused)."""
         if self._modules_only(x):
             outs = self._module_outputs(x)
@@ -225,9 +246,12 @@ class Projection:
             from ..kernels.decode_gemv import gemv_partials
 
             y = gemv_partials(x, self.weight, self.gemv)
-            return y, (y[..., self.n_out:] if self.a_rows else None), (self.lora_bt if self.lora else None)
+            return y, (y[..., self.n_out:] if self.a_rows else None), self._adapters()
         y, xa = self._base(x)
-        return y, xa, (self.lora_bt if self.lora else None)
+        return y, xa, self._adapters()
+
+    def _adapters(self):
+        return (self.lora_bt, self.xa_offsets) if self.lora else None
 
 
 def _lora_up(xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -522,16 +546,16 @@ class DecoderView:
         (twice: after o, and after down with the next layer's input norm); adapters + activation."""
         b, ep, hd = x.shape[0], lv.epilogue, self.head_dim
         cos_t, sin_t = self.rope[lv.rope_key]
-        y, xa, bt = lv.qkv.raw(h)
-        q = qkv_rope_cache(y, xa, bt, cos_t, sin_t, pos_c[:, 0], kc, vc, self.n_heads, self.n_kv, hd)
+        y, xa, ad = lv.qkv.raw(h)
+        q = qkv_rope_cache(y, xa, ad, cos_t, sin_t, pos_c[:, 0], kc, vc, self.n_heads, self.n_kv, hd)
         a = self.attention(lv, q.view(b, self.n_heads, 1, hd), kc[:b], vc[:b], positions)
-        y, xa, bt = lv.o.raw(a.reshape(b, -1))
+        y, xa, ad = lv.o.raw(a.reshape(b, -1))
         norm = ep.post_attn
-        x, m = lora_residual_norm(x, y, xa, bt, norm.weight, norm.eps, norm.gemma)
-        y, xa, bt = lv.gate_up.raw(m)
-        y, xa, bt = lv.down.raw(lora_act_mul(y, xa, bt, lv.gate_up.sizes[0], ep.act, x.dtype))
+        x, m = lora_residual_norm(x, y, xa, ad, norm.weight, norm.eps, norm.gemma)
+        y, xa, ad = lv.gate_up.raw(m)
+        y, xa, ad = lv.down.raw(lora_act_mul(y, xa, ad, lv.gate_up.sizes[0], ep.act, x.dtype))
         norm = ep.next_norm
-        return lora_residual_norm(x, y, xa, bt, norm.weight, norm.eps, norm.gemma)
+        return lora_residual_norm(x, y, xa, ad, norm.weight, norm.eps, norm.gemma)
 
     def head(self, x, last=None, normed=None):
         """Final norm, lm_head and soft-cap of the row `last` (None: the last position) -> float32 logits.

@@ -40,20 +40,34 @@ def _plain(t):
     return t.float().sum(0) if t.dim() == 3 else t.float()
 
 
-def _with_adapter(y, xa, lora_bt, start: int, stop: int, dtype):
+def _with_adapter(y, xa, lora_bt, start: int, stop: int, dtype, xoff: int = 0):
+    """y's columns start:stop plus their adapters' term: xa's ranks xoff.. (as many as bt has rows) @ bt."""
     out = _plain(y)[:, start:stop]
     if xa is not None:
-        out = out + _plain(xa) @ lora_bt[:, start:stop].float()
+        out = out + _plain(xa)[:, xoff:xoff + lora_bt.shape[0]] @ lora_bt[:, start:stop].float()
     return out.to(dtype)
 
 
-def qkv_rope_cache_reference(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int,
+def _adapter_parts(lora, slices: int):
+    """`lora` as the ops take it: None, B^T (block-diagonal, every slice's ranks at offset 0) or (B^T, offsets)
+    -> (B^T or None, a list of `slices` offsets)."""
+    if lora is None:
+        return None, [0] * slices
+    if isinstance(lora, torch.Tensor):
+        return lora, [0] * slices
+    bt, offsets = lora
+    offsets = list(offsets) + [0] * (slices - len(offsets))
+    return bt, offsets[:slices]
+
+
+def qkv_rope_cache_reference(y, xa, lora, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int,
                              head_dim: int) -> torch.Tensor:
     dt, d = k_cache.dtype, head_dim
     b = y.shape[-2]
-    q = _with_adapter(y, xa, lora_bt, 0, n_heads * d, dt).view(b, n_heads, d)
-    k = _with_adapter(y, xa, lora_bt, n_heads * d, (n_heads + n_kv) * d, dt).view(b, n_kv, d)
-    v = _with_adapter(y, xa, lora_bt, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d, dt).view(b, n_kv, d)
+    bt, (oq, ok, ov) = _adapter_parts(lora, 3)
+    q = _with_adapter(y, xa, bt, 0, n_heads * d, dt, oq).view(b, n_heads, d)
+    k = _with_adapter(y, xa, bt, n_heads * d, (n_heads + n_kv) * d, dt, ok).view(b, n_kv, d)
+    v = _with_adapter(y, xa, bt, (n_heads + n_kv) * d, (n_heads + 2 * n_kv) * d, dt, ov).view(b, n_kv, d)
     c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]
     q = (q.float() * c + rotate_half(q.float()) * s).to(dt)
     k = (k.float() * c + rotate_half(k.float()) * s).to(dt)
@@ -63,17 +77,19 @@ def qkv_rope_cache_reference(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_
     return q.reshape(b, n_heads * d)
 
 
-def lora_act_mul_reference(y, xa, lora_bt, inter: int, act: int, dtype=None) -> torch.Tensor:
+def lora_act_mul_reference(y, xa, lora, inter: int, act: int, dtype=None) -> torch.Tensor:
     dtype = dtype or y.dtype
-    g = _with_adapter(y, xa, lora_bt, 0, inter, dtype).float()
-    u = _with_adapter(y, xa, lora_bt, inter, 2 * inter, dtype)
+    bt, (og, ou) = _adapter_parts(lora, 2)
+    g = _with_adapter(y, xa, bt, 0, inter, dtype, og).float()
+    u = _with_adapter(y, xa, bt, inter, 2 * inter, dtype, ou)
     a = torch.nn.functional.silu(g) if act == SILU else torch.nn.functional.gelu(g, approximate="tanh")
     return (a.to(dtype).float() * u.float()).to(dtype)
 
 
-def lora_residual_norm_reference(x, y, xa, lora_bt, weight, eps: float, gemma: bool):
+def lora_residual_norm_reference(x, y, xa, lora, weight, eps: float, gemma: bool):
     hidden = x.shape[-1]
-    s = (x.float() + _with_adapter(y, xa, lora_bt, 0, hidden, x.dtype).float()).to(x.dtype)
+    bt, (off,) = _adapter_parts(lora, 1)
+    s = (x.float() + _with_adapter(y, xa, bt, 0, hidden, x.dtype, off).float()).to(x.dtype)
     sf = s.float()
     normed = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:
@@ -110,14 +126,15 @@ def _adapter_term(acc, xa_ptr, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK
 @jit
 def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, stride_ys,
                            stride_y, stride_xas, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch,
-                           stride_cl, R, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
+                           stride_cl, R, XQ, XK, XV, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr, S_XA: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, then KV k heads, then KV v heads (y's column order)
     i = tl.arange(0, BLOCK_HALF)
     ok = i < HALF
     col = head * (2 * HALF) + i
-    xa_row = xa_ptr + row * stride_xa
+    xoff = tl.where(head < H, XQ, tl.where(head < H + KV, XK, XV))  # this slice's first rank in xa
+    xa_row = xa_ptr + row * stride_xa + xoff
     lo = _summed(y_ptr + row * stride_y, col, ok, stride_ys, S)
     hi = _summed(y_ptr + row * stride_y, col + HALF, ok, stride_ys, S)
     lo = _adapter_term(lo, xa_row, stride_xas, bt_ptr, col, ok, R, stride_bt, BLOCK_R, S_XA)
@@ -149,7 +166,7 @@ def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
 
 @jit
 def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stride_xas, stride_xa, stride_bt,
-                         stride_h, R, INTER, ACT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         stride_h, R, INTER, XG, XU, ACT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
                          S: tl.constexpr, S_XA: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -157,8 +174,8 @@ def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stri
     xa_row = xa_ptr + row * stride_xa
     g = _summed(y_ptr + row * stride_y, cols, ok, stride_ys, S)
     u = _summed(y_ptr + row * stride_y, INTER + cols, ok, stride_ys, S)
-    g = _adapter_term(g, xa_row, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
-    u = _adapter_term(u, xa_row, stride_xas, bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R, S_XA)
+    g = _adapter_term(g, xa_row + XG, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
+    u = _adapter_term(u, xa_row + XU, stride_xas, bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R, S_XA)
     out_ty = h_ptr.dtype.element_ty
     g = g.to(out_ty).to(tl.float32)
     u = u.to(out_ty).to(tl.float32)
@@ -174,14 +191,14 @@ def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stri
 
 @jit
 def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, stride_x, stride_ys, stride_y,
-                               stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, HIDDEN, eps,
+                               stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, XOFF, HIDDEN, eps,
                                BLOCK: tl.constexpr, GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr,
                                S_XA: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < HIDDEN
     a = _summed(y_ptr + row * stride_y, cols, ok, stride_ys, S)
-    a = _adapter_term(a, xa_ptr + row * stride_xa, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
+    a = _adapter_term(a, xa_ptr + row * stride_xa + XOFF, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
     ty = s_ptr.dtype.element_ty
     a = a.to(ty).to(tl.float32)
     s = (tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32) + a).to(ty)
@@ -218,7 +235,7 @@ def _warps(elements: int, low: int = 1, high: int = 32) -> int:
     return max(low, min(high, next_pow2(max(1, elements // 2048))))
 
 
-def _launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+def _launch_qkv(y, xa, lora_bt, xa_offsets, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
     y, s, sys_, syr = _splits(y)
     b = y.shape[1]
     q = torch.empty(b, n_heads * head_dim, dtype=k_cache.dtype, device=y.device)
@@ -227,25 +244,25 @@ def _launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, 
     block_half = next_pow2(half)
     _qkv_rope_cache_kernel[(b, n_heads + 2 * n_kv)](
         y, xa_, bt, cos, sin, pos, q, k_cache, v_cache, sys_, syr, sxs, sxr, sbt, cos.stride(0), q.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r, H=n_heads, KV=n_kv, HALF=half,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r, *xa_offsets[:3], H=n_heads, KV=n_kv, HALF=half,
         BLOCK_HALF=block_half, BLOCK_R=block_r, S=s, S_XA=s_xa,
         num_warps=_warps(2 * block_r * block_half, high=8))
     return q
 
 
-def _launch_act(y, xa, lora_bt, inter, act, dtype):
+def _launch_act(y, xa, lora_bt, xa_offsets, inter, act, dtype):
     y, s, sys_, syr = _splits(y)
     b = y.shape[1]
     h = torch.empty(b, inter, dtype=dtype, device=y.device)
     xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
-    block = 1024 if block_r == 1 else max(32, 4096 // block_r)  # adapters: two [R, block] tiles per program
+    block = 1024 if block_r == 1 else max(32, 2048 // block_r)  # adapters: two [R, block] tiles per program
     _lora_act_mul_kernel[(b, -(-inter // block))](y, xa_, bt, h, sys_, syr, sxs, sxr, sbt, h.stride(0), r, inter,
-                                                  ACT=act, BLOCK=block, BLOCK_R=block_r, S=s, S_XA=s_xa,
+                                                  *xa_offsets[:2], ACT=act, BLOCK=block, BLOCK_R=block_r, S=s, S_XA=s_xa,
                                                   num_warps=4)
     return h
 
 
-def _launch_norm(x, y, xa, lora_bt, weight, eps, gemma):
+def _launch_norm(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma):
     b, hidden = x.shape
     y, s_y, sys_, syr = _splits(y)
     s = torch.empty_like(x)
@@ -253,37 +270,38 @@ def _launch_norm(x, y, xa, lora_bt, weight, eps, gemma):
     xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
     block = next_pow2(hidden)
     _lora_residual_norm_kernel[(b,)](x, y, xa_, bt, weight, s, out, x.stride(0), sys_, syr, sxs, sxr, sbt,
-                                     s.stride(0), out.stride(0), r, hidden, eps, BLOCK=block, GEMMA=gemma,
+                                     s.stride(0), out.stride(0), r, xa_offsets[0], hidden, eps, BLOCK=block,
+                                     GEMMA=gemma,
                                      BLOCK_R=block_r, S=s_y, S_XA=s_xa, num_warps=_warps(block_r * block, low=4))
     return s, out
 
 
-def _qkv_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], cos: torch.Tensor,
-              sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-              n_kv: int, head_dim: int) -> torch.Tensor:
-    return sys.modules[__name__]._launch_qkv(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv,
-                                             head_dim)
+def _qkv_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], xa_offsets: list[int],
+              cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
+    return sys.modules[__name__]._launch_qkv(y, xa, lora_bt, xa_offsets, cos, sin, pos, k_cache, v_cache, n_heads,
+                                             n_kv, head_dim)
 
 
-def _qkv_fake(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+def _qkv_fake(y, xa, lora_bt, xa_offsets, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
     return y.new_empty(y.shape[-2], n_heads * head_dim, dtype=k_cache.dtype)
 
 
-def _act_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], inter: int,
-              act: int, dtype: torch.dtype) -> torch.Tensor:
-    return sys.modules[__name__]._launch_act(y, xa, lora_bt, inter, act, dtype)
+def _act_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], xa_offsets: list[int],
+              inter: int, act: int, dtype: torch.dtype) -> torch.Tensor:
+    return sys.modules[__name__]._launch_act(y, xa, lora_bt, xa_offsets, inter, act, dtype)
 
 
-def _act_fake(y, xa, lora_bt, inter, act, dtype):
+def _act_fake(y, xa, lora_bt, xa_offsets, inter, act, dtype):
     return y.new_empty(y.shape[-2], inter, dtype=dtype)
 
 
 def _norm_impl(x: torch.Tensor, y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor],
-               weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return sys.modules[__name__]._launch_norm(x, y, xa, lora_bt, weight, eps, gemma)
+               xa_offsets: list[int], weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return sys.modules[__name__]._launch_norm(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma)
 
 
-def _norm_fake(x, y, xa, lora_bt, weight, eps, gemma):
+def _norm_fake(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma):
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -294,15 +312,21 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------- the ops
-def qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
+# `lora`: None (no adapter), B^T [R, N] block-diagonal (each slice's ranks at their place in xa), or (B^T [r, N],
+# offsets): the slices share B^T's rows and offsets[i] is slice i's first rank in xa (q/k/v, gate/up, one slice)
+def qkv_rope_cache(y, xa, lora, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
     """See the module docstring. y/xa rows may be strided views (xa as the last columns of y); pos [B] long."""
-    return torch.ops.fastlm.qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+    bt, offsets = _adapter_parts(lora, 3)
+    return torch.ops.fastlm.qkv_rope_cache(y, xa, bt, offsets, cos, sin, pos, k_cache, v_cache, n_heads, n_kv,
+                                           head_dim)
 
 
-def lora_act_mul(y, xa, lora_bt, inter: int, act: int, dtype: torch.dtype | None = None):
+def lora_act_mul(y, xa, lora, inter: int, act: int, dtype: torch.dtype | None = None):
     """dtype: of the output (the activations'); default y's (y may be fp32 partial sums)."""
-    return torch.ops.fastlm.lora_act_mul(y, xa, lora_bt, inter, act, dtype or y.dtype)
+    bt, offsets = _adapter_parts(lora, 2)
+    return torch.ops.fastlm.lora_act_mul(y, xa, bt, offsets, inter, act, dtype or y.dtype)
 
 
-def lora_residual_norm(x, y, xa, lora_bt, weight, eps: float, gemma: bool):
-    return torch.ops.fastlm.lora_residual_norm(x, y, xa, lora_bt, weight, float(eps), bool(gemma))
+def lora_residual_norm(x, y, xa, lora, weight, eps: float, gemma: bool):
+    bt, offsets = _adapter_parts(lora, 1)
+    return torch.ops.fastlm.lora_residual_norm(x, y, xa, bt, offsets, weight, float(eps), bool(gemma))

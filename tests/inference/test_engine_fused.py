@@ -214,3 +214,29 @@ def test_compiled_step_with_the_epilogue_ops_equals_the_eager_step(tiny_model_fa
     torch._dynamo.reset()
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1], caches[0], rtol=1e-5, atol=1e-5)
+
+
+def test_epilogues_with_adapters_of_different_ranks(tiny_model_factory, loaded, monkeypatch):
+    """k_proj's adapter has another rank than q/v's (PEFT rank_pattern): the epilogues read a block-diagonal B^T
+    (no shared rows) and still give the unfused step's logits."""
+    import peft
+
+    from fastlm.inference import decoder
+    from fastlm.kernels._triton import force_triton
+
+    model, tok = loaded(tiny_model_factory("llama"))
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={"k_proj": 2}, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
+    model = peft.get_peft_model(model, config).eval()
+    prompts = [tok("the cat is red and the dog is blue")["input_ids"], tok("one")["input_ids"]]
+    runs = []
+    for epilogues in (False, True):
+        monkeypatch.setattr(decoder, "EPILOGUE_MAX_ROWS", 4 if epilogues else 0)
+        eng = Engine(model, max_slots=2, max_len=32, fuse=True)
+        qkv = eng.view.layers[0].qkv
+        assert not qkv.compact and eng.view.layers[0].gate_up.compact
+        with force_triton():
+            runs.append(_greedy_steps(eng, prompts, 2))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)

@@ -126,3 +126,21 @@ def test_split_k_gemv_partials_sum_to_the_product(dtype, rows, n, k):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(parts.sum(0), mod.gemv_reference(x, w)[0], atol=atol, rtol=rtol)
     torch.testing.assert_close(parts.sum(0), (x.double() @ w.double().t()).float(), atol=atol, rtol=rtol)
+
+
+def test_compact_adapters_read_each_slice_own_ranks():
+    """gate and up with one adapter each share B^T's rows; xa holds gate's ranks then up's: the compact form (B^T
+    [r, N], offsets 0 and r) gives what the block-diagonal B^T [2r, N] gives."""
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(4)
+    b, inter, r = 2, 40, 3
+    y, xa = _draw(g, b, 2 * inter), _draw(g, b, 2 * r)
+    b_gate, b_up = _draw(g, r, inter, scale=0.3), _draw(g, r, inter, scale=0.3)
+    block_diag = torch.zeros(2 * r, 2 * inter)
+    block_diag[:r, :inter], block_diag[r:, inter:] = b_gate, b_up
+    compact = (torch.cat([b_gate, b_up], 1), [0, r])
+    expect = mod.lora_act_mul_reference(y, xa, block_diag, inter, mod.SILU)
+    with force_triton():
+        got = mod.lora_act_mul(y, xa, compact, inter, mod.SILU)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mod.lora_act_mul_reference(y, xa, compact, inter, mod.SILU), expect)
