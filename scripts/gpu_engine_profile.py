@@ -77,7 +77,7 @@ def nf4_sweep(shapes):
     """Every NF4 GEMV config at each decode shape: the best time (CUDA-graph timing, as the
     engine's tuner does), its error against the dequantize-then-matmul reference, and its GB/s."""
     from fastlm.kernels import decode_nf4 as d
-    from fastlm.kernels._triton import graph_replay_ms
+    from fastlm.kernels._triton import launches_ms
 
     rows = []
     code = torch.tensor(sorted(torch.randn(16).tolist()), device="cuda")
@@ -92,13 +92,7 @@ def nf4_sweep(shapes):
         res = dict(shape=name, n=n, k=k, floor_us=round(nbytes / 3.0e12 * 1e6, 2))
 
         def timed(fn):
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    fn()
-            return graph_replay_ms(graph, 5) / 20 * 1e3
+            return launches_ms(fn, 20, 5) / 20 * 1e3
 
         res["bf16_cublas_us"] = round(timed(lambda: torch.nn.functional.linear(x, w)), 2)
         for cfg in d._CONFIGS:

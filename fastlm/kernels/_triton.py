@@ -137,3 +137,15 @@ def graph_replay_ms(graph, reps: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def launches_ms(fn, launches: int = 20, reps: int = 3) -> float:
+    """Milliseconds of `launches` calls of fn captured in one CUDA graph (kernel time without launch overhead);
+    fn runs once first (compiles its kernels)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return graph_replay_ms(graph, reps)

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ._triton import HAS_TRITON, graph_replay_ms, interpreter_on, jit, register_opaque_op, tl
+from ._triton import HAS_TRITON, interpreter_on, jit, launches_ms, register_opaque_op, tl
 
 MAX_SPLITS = 16  # partial sums the consumers add (their loads of y are unrolled over S)
 # (BLOCK_N, BLOCK_K, STEPS, num_warps): a program reads BLOCK_N x BLOCK_K * STEPS weights (16-64 KB)
@@ -83,16 +83,7 @@ def gemv_config(w: torch.Tensor, rows: int = 1, max_splits: int = MAX_SPLITS) ->
     x = torch.randn(rows, k, device=w.device, dtype=w.dtype)
     expect = torch.nn.functional.linear(x, w).float()
 
-    def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                fn()
-        return graph_replay_ms(graph, 3)
-
-    best_ms, best = timed(lambda: torch.nn.functional.linear(x, w)), None
+    best_ms, best = launches_ms(lambda: torch.nn.functional.linear(x, w)), None
     for cfg in _CONFIGS:
         s = splits(k, cfg)
         if s > min(max_splits, MAX_SPLITS):
@@ -103,7 +94,7 @@ def gemv_config(w: torch.Tensor, rows: int = 1, max_splits: int = MAX_SPLITS) ->
             got = out.sum(0)
             if not torch.allclose(got, expect, rtol=2e-2, atol=2e-2 * expect.abs().max().item()):
                 continue
-            ms = timed(lambda: _launch(x, w, out, cfg))
+            ms = launches_ms(lambda: _launch(x, w, out, cfg))
         except Exception:  # noqa: BLE001 - a config this device cannot run is skipped
             continue
         if ms < best_ms:
