@@ -1,0 +1,333 @@
+"""NF4 dequant-GEMV variants that decode the 4-bit codes in registers with PTX byte permutes (`prmt.b32`).
+
+The word kernel in decode_nf4.py looks each code up in the 16-entry float32 table in memory (an L1 gather per
+weight: shift, mask, address, load, then a bf16->fp32 convert of x and an FMA). These variants keep the 16 code
+values as 16-bit floats (bf16, or fp16) split into byte tables held in eight 32-bit registers:
+
+    L0..L3: the low bytes of entries 0-3, 4-7, 8-11, 12-15 (byte j of Lr = low byte of entry 4r+j)
+    H0..H3: the high bytes, laid out the same way
+
+and decode one int32 word of packed bytes (eight weights) with 16 permutes and no memory access:
+
+    q7  = word & 0x77777777                       (the 3 low bits of every code: prmt's byte selectors; bit 3 of a
+                                                   selector nibble would ask prmt to replicate a sign instead)
+    sel = ((word >> 1) & 0x44444444) | 0x32103210 (nibble i = i + 4 * bit3(code i): picks candidate byte i from
+                                                   the first (entries 0-7) or second (8-15) candidate register)
+    per half of the word (codes 0-3, then q7 >> 16 and sel >> 16 for codes 4-7):
+        lo = prmt(prmt(L0, L1, q7), prmt(L2, L3, q7), sel)   low bytes of the four values
+        hi = prmt(prmt(H0, H1, q7), prmt(H2, H3, q7), sel)   high bytes
+        p0 = prmt(lo, hi, 0x4051), p1 = prmt(lo, hi, 0x6273) the values as 16-bit pairs in weight order
+    four packed FMAs (`fma.rn.bf16x2` / `fma.rn.f16x2`) with x read as pairs, then the pair sum as float32.
+
+Weight order: bitsandbytes puts a byte's first weight in its high nibble and the bytes of a word are little-endian,
+so weight j of a word is code nibble j ^ 1; selector 0x4051 puts nibble 1 (weight 0) in the low half of p0 and
+nibble 0 (weight 1) in its high half, as x's pair (x[8w], x[8w+1]) is laid out.
+
+Accuracy: the table is rounded to bf16 (or fp16), each product is rounded and a word's eight products are summed in
+two 16-bit lanes before the float32 accumulation across K, and the per-block absmax scale is applied in float32 as
+before. bf16 is as precise as bitsandbytes' own path (it dequantizes to bf16 before its matmul); fp16 keeps 3 more
+bits but converts a bf16 x to fp16 (and would overflow past 65504).
+
+Inline PTX cannot run under TRITON_INTERPRET=1, so `_word_dot` has a pure-Triton twin (`USE_ASM=False`) that runs
+the same byte algorithm with prmt simulated in integer ops (and exact float32 arithmetic): the CPU tests run every
+piece of these kernels but the asm line, and tests/kernels/test_decode_nf4_prmt.py runs the PTX text itself through
+a small simulator of the instructions it uses.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton: decode_nf4 serves the reference
+    triton = None
+
+# the variants this module adds: id -> (name, F16, X_IN_ASM). X_IN_ASM: the asm reads the word's four x pairs itself
+# with one 16-byte load from an address operand (x in the compute dtype; x is L1-resident), so x needs no Triton
+# load whose layout differs from the words' (the compiler moves such [BLOCK_W] loads into the words' layout through
+# shared memory with barriers, every step); otherwise Triton loads them (four 4-byte loads per word).
+PRMT_VARIANTS = {1: ("prmt-bf16", False, True), 2: ("prmt-f16", True, True), 3: ("prmt-bf16-tlx", False, False)}
+
+
+def _half_ptx(xa: str, xb: str, fma: str, t: int) -> list[str]:
+    lo = [f"${t + i}" for i in range(4)]
+    hi = [f"${t + 4 + i}" for i in range(4)]
+    return [f"prmt.b32 ra, {lo[0]}, {lo[1]}, rq;", f"prmt.b32 rb, {lo[2]}, {lo[3]}, rq;", "prmt.b32 rlo, ra, rb, rs;",
+            f"prmt.b32 ra, {hi[0]}, {hi[1]}, rq;", f"prmt.b32 rb, {hi[2]}, {hi[3]}, rq;", "prmt.b32 rhi, ra, rb, rs;",
+            "prmt.b32 rp0, rlo, rhi, 0x4051;", "prmt.b32 rp1, rlo, rhi, 0x6273;",
+            f"{fma} racc, rp0, {xa}, racc;", f"{fma} racc, rp1, {xb}, racc;"]
+
+
+def word_dot_ptx(f16: bool, x_in_asm: bool) -> str:
+    """The PTX of one word's decode and dot product. Operands: $0 the float32 result, $1 the packed word, then x:
+    with x_in_asm $2 the word's index in its row and $3 the address of the row of x (16-byte aligned; the word's
+    four pairs are read with one vector load at $3 + 16 * $2), otherwise $2..$5 the four pairs; then L0..L3, H0..H3
+    (see the module docstring)."""
+    fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
+    lines = ["{", ".reg .b32 rq, rs, ra, rb, rlo, rhi, rp0, rp1, racc;"]
+    if x_in_asm:
+        lines += [".reg .b32 rx0, rx1, rx2, rx3;", ".reg .b64 rxa;", "mad.wide.u32 rxa, $2, 16, $3;",
+                  "ld.global.nc.v4.b32 {rx0, rx1, rx2, rx3}, [rxa];"]
+        xs, t = ["rx0", "rx1", "rx2", "rx3"], 4
+    else:
+        xs, t = ["$2", "$3", "$4", "$5"], 6
+    if f16:
+        lines.append(".reg .b16 rh0, rh1;")
+        lines.append(".reg .f32 rf0, rf1;")
+    lines += ["and.b32 rq, $1, 0x77777777;", "shr.u32 rs, $1, 1;", "and.b32 rs, rs, 0x44444444;",
+              "or.b32 rs, rs, 0x32103210;", "mov.b32 racc, 0;"]
+    lines += _half_ptx(xs[0], xs[1], fma, t)
+    lines += ["shr.u32 rq, rq, 16;", "shr.u32 rs, rs, 16;"]
+    lines += _half_ptx(xs[2], xs[3], fma, t)
+    if f16:
+        lines += ["mov.b32 {rh0, rh1}, racc;", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
+                  "add.f32 $0, rf0, rf1;"]
+    else:  # a bf16 is the high half of a float32
+        lines += ["and.b32 ra, racc, 0xffff0000;", "shl.b32 rb, racc, 16;", "add.f32 $0, ra, rb;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_CONSTRAINTS = "=r," + ",".join(["r"] * 13)
+_CONSTRAINTS_XA = "=r,r,r,l," + ",".join(["r"] * 8)
+
+
+def code_regs_uncached(code: torch.Tensor, f16: bool) -> torch.Tensor:
+    """The eight int32 byte-table registers L0..L3, H0..H3 of a 16-entry code table (see the module docstring)."""
+    if code.numel() != 16:
+        raise ValueError(f"the prmt NF4 variants need a 16-entry code table, got {code.numel()} entries; "
+                         "use variant 0 (the word kernel) for other tables")
+    half = code.reshape(-1).float().to(torch.float16 if f16 else torch.bfloat16)
+    bits = half.view(torch.int16).to(torch.int64) & 0xFFFF
+    shifts = torch.tensor([0, 8, 16, 24], device=code.device, dtype=torch.int64)
+    regs = torch.cat([((bits & 0xFF).view(4, 4) << shifts).sum(1), ((bits >> 8).view(4, 4) << shifts).sum(1)])
+    return torch.where(regs >= 2 ** 31, regs - 2 ** 32, regs).to(torch.int32)
+
+
+_REGS: dict[tuple, tuple] = {}
+
+
+def code_regs(code: torch.Tensor, f16: bool) -> torch.Tensor:
+    """code_regs_uncached, remembered per code tensor (its address and version; the entry holds the tensor, so the
+    address cannot be reused by another while remembered). Not stored while a CUDA graph is being captured: the
+    table is then computed inside the graph."""
+    key = (code.data_ptr(), code._version, str(code.device), bool(f16))
+    hit = _REGS.get(key)
+    if hit is not None:
+        return hit[1]
+    regs = code_regs_uncached(code, f16)
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        return regs
+    if len(_REGS) > 256:
+        _REGS.clear()
+    _REGS[key] = (code, regs)
+    return regs
+
+
+if triton is not None:
+    _PTX_BF16 = tl.constexpr(word_dot_ptx(False, False))
+    _PTX_BF16_XA = tl.constexpr(word_dot_ptx(False, True))
+    _PTX_F16_XA = tl.constexpr(word_dot_ptx(True, True))
+    _CONSTR = tl.constexpr(_CONSTRAINTS)
+    _CONSTR_XA = tl.constexpr(_CONSTRAINTS_XA)
+
+    @triton.jit
+    def _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W: tl.constexpr, IN_ROW: tl.constexpr = False):
+        """[BLOCK_N, BLOCK_W] int32 words of packed bytes from word w0 of each row (0 past the ends; IN_ROW: the
+        caller knows w0 + BLOCK_W <= words_per_row)."""
+        wi = w0 + tl.arange(0, BLOCK_W)
+        if IN_ROW:
+            return tl.load(w_ptr + row_words + wi[None, :], mask=row_ok[:, None], other=0)
+        return tl.load(w_ptr + row_words + wi[None, :], mask=row_ok[:, None] & (wi < words_per_row)[None, :], other=0)
+
+    @triton.jit
+    def _prmt_sim(a, b, c):
+        """prmt.b32 d, a, b, c in its generic form, on uint32 values (the PTX ISA's semantics): byte i of d is
+        byte (c >> 4i) & 7 of {b, a}, or that byte's sign bit replicated when (c >> 4i) & 8."""
+        d = tl.zeros_like(c)
+        for i in tl.static_range(4):
+            s = (c >> (4 * i)) & 15
+            idx = s & 7
+            src = tl.where(idx < 4, a, b)
+            byte = (src >> ((idx & 3) * 8)) & 255
+            byte = tl.where((s & 8) != 0, tl.where((byte & 128) != 0, 255, 0).to(tl.uint32), byte)
+            d = d | (byte << (8 * i))
+        return d
+
+    @triton.jit
+    def _half_value(p, F16: tl.constexpr):
+        """The 16-bit float in the low half of uint32 p, as float32."""
+        if F16:
+            return (p & 65535).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return ((p & 65535) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _pair_dot(p, xp, F16: tl.constexpr):
+        return (_half_value(p, F16) * _half_value(xp, F16) + _half_value(p >> 16, F16) * _half_value(xp >> 16, F16))
+
+    @triton.jit
+    def _word_dot_sim(q, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr):
+        """The pure-Triton twin of the PTX: the same selectors and permutes, exact float32 products and sums."""
+        u = q.to(tl.uint32, bitcast=True)
+        rq = u & 0x77777777
+        rs = ((u >> 1) & 0x44444444) | 0x32103210
+        tot = tl.zeros(q.shape, dtype=tl.float32)
+        for half in tl.static_range(2):
+            if half == 1:
+                rq = rq >> 16
+                rs = rs >> 16
+            lo = _prmt_sim(_prmt_sim(l0, l1, rq), _prmt_sim(l2, l3, rq), rs)
+            hi = _prmt_sim(_prmt_sim(h0, h1, rq), _prmt_sim(h2, h3, rq), rs)
+            p0 = _prmt_sim(lo, hi, tl.full(q.shape, 0x4051, tl.uint32))
+            p1 = _prmt_sim(lo, hi, tl.full(q.shape, 0x6273, tl.uint32))
+            if half == 0:
+                tot += _pair_dot(p0, x0, F16) + _pair_dot(p1, x1, F16)
+            else:
+                tot += _pair_dot(p0, x2, F16) + _pair_dot(p1, x3, F16)
+        return tot
+
+    @triton.jit
+    def _u32(v):
+        return v.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _word_dot(q, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr, USE_ASM: tl.constexpr):
+        """float32 dot of each int32 word's eight weights (as table values) with its four x pairs (int32); all args
+        the word's shape. Twin of the PTX with x pairs as operands (variant 3)."""
+        if USE_ASM:
+            tl.static_assert(not F16, "the x-operand PTX is bf16 only")
+            return tl.inline_asm_elementwise(_PTX_BF16, _CONSTR, [q, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return _word_dot_sim(q, _u32(x0), _u32(x1), _u32(x2), _u32(x3), _u32(l0), _u32(l1), _u32(l2), _u32(l3),
+                             _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+
+    @triton.jit
+    def _word_dot_xa(q, widx, xrow, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr, USE_ASM: tl.constexpr):
+        """_word_dot with the asm reading the word's x pairs itself: xrow (int32 pointers, all the same: x's row as
+        int32 pairs, 16-byte aligned) + 4 * widx (the word's index in the row). The twin loads them with tl.load."""
+        if USE_ASM:
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_F16_XA, _CONSTR_XA, [q, widx, xrow, l0, l1, l2, l3, h0, h1, h2,
+                                                                           h3], dtype=tl.float32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_PTX_BF16_XA, _CONSTR_XA, [q, widx, xrow, l0, l1, l2, l3, h0, h1, h2, h3],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        xq = xrow + widx * 4
+        return _word_dot_sim(q, _u32(tl.load(xq)), _u32(tl.load(xq + 1)), _u32(tl.load(xq + 2)), _u32(tl.load(xq + 3)),
+                             _u32(l0), _u32(l1), _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+
+    @triton.jit
+    def _bits16(v, F16: tl.constexpr):
+        """float32 v rounded to fp16 / bf16 (nearest even, in integer ops: exact under the interpreter too), as the
+        16-bit pattern in an int32."""
+        if F16:
+            return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        u = v.to(tl.uint32, bitcast=True)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _pack2(a, b, F16: tl.constexpr):
+        return _bits16(a, F16) | (_bits16(b, F16) << 16)
+
+    @triton.jit
+    def _x_pairs(x_ptr, m, K, wi, w_ok, F16: tl.constexpr, X_DIRECT: tl.constexpr):
+        """The four int32 x pairs of each word in wi ([BLOCK_W] each). X_DIRECT: x_ptr is x (already in the 16-bit
+        compute type) viewed as int32; otherwise x is read as float32 and rounded to the compute type."""
+        if X_DIRECT:
+            base = x_ptr + m * (K // 2) + wi * 4
+            x0 = tl.load(base, mask=w_ok, other=0)
+            x1 = tl.load(base + 1, mask=w_ok, other=0)
+            x2 = tl.load(base + 2, mask=w_ok, other=0)
+            x3 = tl.load(base + 3, mask=w_ok, other=0)
+        else:
+            base = x_ptr + m * K + wi * 8
+            x0 = _pack2(tl.load(base, mask=w_ok, other=0.0).to(tl.float32),
+                        tl.load(base + 1, mask=w_ok, other=0.0).to(tl.float32), F16)
+            x1 = _pack2(tl.load(base + 2, mask=w_ok, other=0.0).to(tl.float32),
+                        tl.load(base + 3, mask=w_ok, other=0.0).to(tl.float32), F16)
+            x2 = _pack2(tl.load(base + 4, mask=w_ok, other=0.0).to(tl.float32),
+                        tl.load(base + 5, mask=w_ok, other=0.0).to(tl.float32), F16)
+            x3 = _pack2(tl.load(base + 6, mask=w_ok, other=0.0).to(tl.float32),
+                        tl.load(base + 7, mask=w_ok, other=0.0).to(tl.float32), F16)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, N, K, words_per_row, BLOCKSIZE: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
+                              F16: tl.constexpr, X_DIRECT: tl.constexpr, X_IN_ASM: tl.constexpr,
+                              USE_ASM: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr):
+        # the word kernel's loop (int32 words, one scale per word, optional prefetch of the next step's words) with
+        # the table lookups replaced by _word_dot's register decode; the products summed per lane across the loop
+        # and reduced across the block once at the end. words_per_row (K // 8) is an argument of its own so that
+        # Triton's specialization sees it divisible by 16 (every real K) and reads rows with 16-byte loads.
+        # EVEN: words_per_row % BLOCK_W == 0 (no word past a row's end); IDX32: word indices fit in int32.
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        WPB: tl.constexpr = BLOCKSIZE // 8
+        if IDX32:
+            row_words = rows[:, None] * words_per_row
+        else:
+            row_words = rows[:, None].to(tl.int64) * words_per_row
+        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+        # the eight table registers. Loaded as scalars they would be uniform values, which the compiler keeps in
+        # uniform registers and copies into ordinary ones before every permute: `salt` (0, but derived from the
+        # thread's rows, which the compiler cannot prove) makes them per-thread values held in ordinary registers
+        salt = (rows[:, None].to(tl.int64) * words_per_row >> 62).to(tl.int32) + zero
+        l0 = tl.load(regs_ptr) ^ salt
+        l1 = tl.load(regs_ptr + 1) ^ salt
+        l2 = tl.load(regs_ptr + 2) ^ salt
+        l3 = tl.load(regs_ptr + 3) ^ salt
+        h0 = tl.load(regs_ptr + 4) ^ salt
+        h1 = tl.load(regs_ptr + 5) ^ salt
+        h2 = tl.load(regs_ptr + 6) ^ salt
+        h3 = tl.load(regs_ptr + 7) ^ salt
+        xrow = x_ptr + m * (K // 2) + zero  # X_IN_ASM: x in the compute type as int32 pairs
+        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        if PREFETCH:
+            nxt = _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W, EVEN)
+        for w0 in range(0, words_per_row, BLOCK_W):
+            if PREFETCH:
+                word = nxt
+                nxt = _words(w_ptr, row_words, row_ok, w0 + BLOCK_W, words_per_row, BLOCK_W, False)
+            else:
+                word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W, EVEN)
+            wi = w0 + tl.arange(0, BLOCK_W)
+            w_ok = wi < words_per_row
+            if X_IN_ASM:
+                if EVEN:
+                    part = _word_dot_xa(word, wi[None, :] + zero, xrow, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
+                else:  # words past the row's end read x at its last word (their products meet a zero scale)
+                    part = _word_dot_xa(word, tl.minimum(wi, words_per_row - 1)[None, :] + zero, xrow, l0, l1, l2,
+                                        l3, h0, h1, h2, h3, F16, USE_ASM)
+            else:
+                x0, x1, x2, x3 = _x_pairs(x_ptr, m, K, wi, w_ok, F16, X_DIRECT)
+                part = _word_dot(word, x0[None, :] + zero, x1[None, :] + zero, x2[None, :] + zero,
+                                 x3[None, :] + zero, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
+            if IDX32:  # unsigned: the division is a shift
+                sidx = ((row_words + wi[None, :]).to(tl.uint32, bitcast=True) // WPB).to(tl.int32, bitcast=True)
+            else:
+                sidx = (row_words + wi[None, :]) // WPB
+            if EVEN:
+                scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None], other=0.0)
+            else:
+                scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None] & w_ok[None, :], other=0.0)
+            acc += part * scale
+        tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, prefetch, variant, use_asm: bool):
+    """Launch variant `variant` (a key of PRMT_VARIANTS) of the prmt kernel: y [M, N] = x [M, K] @ W^T."""
+    _, f16, x_in_asm = PRMT_VARIANTS[variant]
+    half = torch.float16 if f16 else torch.bfloat16
+    if x_in_asm and (x.dtype != half or x.data_ptr() % 16):  # the asm reads x as 16-byte vectors of that type
+        x = x.to(half, copy=True)
+    direct = x.dtype == half
+    xin = x.view(torch.int32) if direct else x
+    regs = code_regs(code, f16)
+    wpr = k // 8
+    _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn), x.shape[0])](
+        xin, packed.view(torch.int32), absmax, regs, y, n, k, wpr, BLOCKSIZE=blocksize, BLOCK_N=bn,
+        BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm, USE_ASM=use_asm,
+        EVEN=wpr % (bk // 8) == 0, IDX32=(triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31, num_warps=warps)
