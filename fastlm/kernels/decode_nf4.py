@@ -114,17 +114,20 @@ if triton is not None:
 # 0.4-0.85; scripts/gpu_engine_profile.py's sweep); winners then were (4, 1024, 4), (1, 1024, 1) and (2, 2048, 4),
 # without prefetch. With the prefetching configs added to the tuning the 8B NF4 decode measured the same (171 vs 175
 # tokens/s); no per-shape sweep of them was run.
-VARIANTS = {0: "word", **{v: name for v, (name, _, _) in PRMT_VARIANTS.items()}}
+VARIANTS = {0: "word", **{v: spec[0] for v, spec in PRMT_VARIANTS.items()}}
 _WORD_CONFIGS = [(1, 1024, 1, 0), (1, 2048, 1, 0), (1, 2048, 2, 0), (2, 1024, 2, 0), (2, 2048, 4, 0), (4, 512, 2, 0),
                  (4, 1024, 4, 0), (4, 2048, 8, 0), (8, 512, 4, 0), (1, 4096, 4, 0),
                  (1, 512, 1, 1), (1, 1024, 1, 1), (1, 1024, 2, 1), (2, 1024, 2, 1), (2, 512, 2, 1), (4, 512, 2, 1),
                  (4, 1024, 4, 1)]
-# the prmt variants (CUDA only): untimed before scripts/gpu_nf4_sweep.py; a spread of rows per program, bytes per
-# step and warps, with and without prefetch
-_PRMT_CONFIGS = [(1, 1024, 2, 0), (1, 2048, 4, 0), (2, 1024, 4, 0), (4, 512, 4, 0), (4, 1024, 4, 0), (1, 1024, 2, 1),
-                 (2, 1024, 4, 1), (4, 512, 4, 1), (8, 512, 8, 1)]
-_CONFIGS = [(*c, 0) for c in _WORD_CONFIGS] + [(*c, v) for v in (1, 2) for c in _PRMT_CONFIGS] + [
-    (*c, 3) for c in _PRMT_CONFIGS[:4]]
+# the prmt variants (CUDA only), untimed before scripts/gpu_nf4_sweep.py: rows per program, bytes per step and warps
+# spread so that a thread decodes 2-8 words per step (SASS compiled for sm_90 on CPU: ~36 instructions per word at
+# 8 words a thread, ~39 at 4, 43-47 at 2 with one row per program, against ~140 for the word kernel's loop)
+_PRMT_CONFIGS = [(1, 1024, 2, 0), (1, 2048, 2, 1), (2, 1024, 2, 1), (2, 2048, 4, 0), (4, 1024, 4, 0), (4, 1024, 4, 1),
+                 (4, 2048, 4, 0), (4, 2048, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 4, 1), (8, 2048, 8, 1)]
+_CONFIGS = ([(*c, 0) for c in _WORD_CONFIGS] + [(*c, 1) for c in _PRMT_CONFIGS]
+            + [(*c, 2) for c in [(1, 1024, 2, 0), (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1)]]
+            + [(*c, 3) for c in [(4, 512, 4, 0), (4, 1024, 4, 1)]]
+            + [(*c, 4) for c in [(4, 1024, 4, 1), (8, 1024, 4, 1)]])
 INTERPRETER_CONFIG = (4, 512, 2, 1, 0)
 TUNE_MAX_ERROR = 1e-2  # relative L2 error vs the float32 reference above which a tuned candidate is rejected
 _TUNED: dict[tuple, tuple] = {}

@@ -43,11 +43,14 @@ try:
 except ImportError:  # CPU installs without triton: decode_nf4 serves the reference
     triton = None
 
-# the variants this module adds: id -> (name, F16, X_IN_ASM). X_IN_ASM: the asm reads the word's four x pairs itself
-# with one 16-byte load from an address operand (x in the compute dtype; x is L1-resident), so x needs no Triton
-# load whose layout differs from the words' (the compiler moves such [BLOCK_W] loads into the words' layout through
-# shared memory with barriers, every step); otherwise Triton loads them (four 4-byte loads per word).
-PRMT_VARIANTS = {1: ("prmt-bf16", False, True), 2: ("prmt-f16", True, True), 3: ("prmt-bf16-tlx", False, False)}
+# the variants this module adds: id -> (name, F16, X_IN_ASM, SCALE_IN_ASM). X_IN_ASM: the asm reads the word's four
+# x pairs itself with one 16-byte load from an address operand (x in the compute dtype; x is L1-resident), so x needs
+# no Triton load whose layout differs from the words' (the compiler moves such [BLOCK_W] loads into the words' layout
+# through shared memory with barriers, every step); otherwise Triton loads them (four 4-byte loads per word).
+# SCALE_IN_ASM: the asm also reads the word's absmax scale and multiplies (Triton 3.6 otherwise moves every step's
+# products into the scale load's layout through shared memory; 3.9 does not).
+PRMT_VARIANTS = {1: ("prmt-bf16", False, True, True), 2: ("prmt-f16", True, True, True),
+                 3: ("prmt-bf16-tlx", False, False, False), 4: ("prmt-bf16-tls", False, True, False)}
 
 
 def _half_ptx(xa: str, xb: str, fma: str, t: int) -> list[str]:
@@ -59,17 +62,23 @@ def _half_ptx(xa: str, xb: str, fma: str, t: int) -> list[str]:
             f"{fma} racc, rp0, {xa}, racc;", f"{fma} racc, rp1, {xb}, racc;"]
 
 
-def word_dot_ptx(f16: bool, x_in_asm: bool) -> str:
+def word_dot_ptx(f16: bool, x_in_asm: bool, scale_in_asm: bool = False) -> str:
     """The PTX of one word's decode and dot product. Operands: $0 the float32 result, $1 the packed word, then x:
     with x_in_asm $2 the word's index in its row and $3 the address of the row of x (16-byte aligned; the word's
-    four pairs are read with one vector load at $3 + 16 * $2), otherwise $2..$5 the four pairs; then L0..L3, H0..H3
-    (see the module docstring)."""
+    four pairs are read with one vector load at $3 + 16 * $2), otherwise $2..$5 the four pairs; with scale_in_asm
+    (needs x_in_asm) then the index of the word's scale and the address of the float32 absmax (the result is
+    multiplied by it); then L0..L3, H0..H3 (see the module docstring)."""
+    if scale_in_asm and not x_in_asm:
+        raise ValueError("scale_in_asm needs x_in_asm")
     fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
     lines = ["{", ".reg .b32 rq, rs, ra, rb, rlo, rhi, rp0, rp1, racc;"]
     if x_in_asm:
         lines += [".reg .b32 rx0, rx1, rx2, rx3;", ".reg .b64 rxa;", "mad.wide.u32 rxa, $2, 16, $3;",
                   "ld.global.nc.v4.b32 {rx0, rx1, rx2, rx3}, [rxa];"]
         xs, t = ["rx0", "rx1", "rx2", "rx3"], 4
+        if scale_in_asm:
+            lines += [".reg .b32 rsc;", ".reg .b64 rsa;", "mad.wide.u32 rsa, $4, 4, $5;", "ld.global.nc.b32 rsc, [rsa];"]
+            t = 6
     else:
         xs, t = ["$2", "$3", "$4", "$5"], 6
     if f16:
@@ -80,17 +89,21 @@ def word_dot_ptx(f16: bool, x_in_asm: bool) -> str:
     lines += _half_ptx(xs[0], xs[1], fma, t)
     lines += ["shr.u32 rq, rq, 16;", "shr.u32 rs, rs, 16;"]
     lines += _half_ptx(xs[2], xs[3], fma, t)
+    out = "ra" if scale_in_asm else "$0"
     if f16:
         lines += ["mov.b32 {rh0, rh1}, racc;", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
-                  "add.f32 $0, rf0, rf1;"]
+                  f"add.f32 {out}, rf0, rf1;"]
     else:  # a bf16 is the high half of a float32
-        lines += ["and.b32 ra, racc, 0xffff0000;", "shl.b32 rb, racc, 16;", "add.f32 $0, ra, rb;"]
+        lines += ["and.b32 ra, racc, 0xffff0000;", "shl.b32 rb, racc, 16;", f"add.f32 {out}, ra, rb;"]
+    if scale_in_asm:
+        lines.append("mul.f32 $0, ra, rsc;")
     lines.append("}")
     return "\n".join(lines)
 
 
 _CONSTRAINTS = "=r," + ",".join(["r"] * 13)
 _CONSTRAINTS_XA = "=r,r,r,l," + ",".join(["r"] * 8)
+_CONSTRAINTS_XS = "=r,r,r,l,r,l," + ",".join(["r"] * 8)
 
 
 def code_regs_uncached(code: torch.Tensor, f16: bool) -> torch.Tensor:
@@ -128,9 +141,11 @@ def code_regs(code: torch.Tensor, f16: bool) -> torch.Tensor:
 if triton is not None:
     _PTX_BF16 = tl.constexpr(word_dot_ptx(False, False))
     _PTX_BF16_XA = tl.constexpr(word_dot_ptx(False, True))
-    _PTX_F16_XA = tl.constexpr(word_dot_ptx(True, True))
+    _PTX_BF16_XS = tl.constexpr(word_dot_ptx(False, True, True))
+    _PTX_F16_XS = tl.constexpr(word_dot_ptx(True, True, True))
     _CONSTR = tl.constexpr(_CONSTRAINTS)
     _CONSTR_XA = tl.constexpr(_CONSTRAINTS_XA)
+    _CONSTR_XS = tl.constexpr(_CONSTRAINTS_XS)
 
     @triton.jit
     def _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W: tl.constexpr, IN_ROW: tl.constexpr = False):
@@ -207,14 +222,30 @@ if triton is not None:
         """_word_dot with the asm reading the word's x pairs itself: xrow (int32 pointers, all the same: x's row as
         int32 pairs, 16-byte aligned) + 4 * widx (the word's index in the row). The twin loads them with tl.load."""
         if USE_ASM:
-            if F16:
-                return tl.inline_asm_elementwise(_PTX_F16_XA, _CONSTR_XA, [q, widx, xrow, l0, l1, l2, l3, h0, h1, h2,
-                                                                           h3], dtype=tl.float32, is_pure=True, pack=1)
+            tl.static_assert(not F16, "the x-in-asm PTX without the scale is bf16 only")
             return tl.inline_asm_elementwise(_PTX_BF16_XA, _CONSTR_XA, [q, widx, xrow, l0, l1, l2, l3, h0, h1, h2, h3],
                                              dtype=tl.float32, is_pure=True, pack=1)
         xq = xrow + widx * 4
         return _word_dot_sim(q, _u32(tl.load(xq)), _u32(tl.load(xq + 1)), _u32(tl.load(xq + 2)), _u32(tl.load(xq + 3)),
                              _u32(l0), _u32(l1), _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+
+    @triton.jit
+    def _word_dot_xs(q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr,
+                     USE_ASM: tl.constexpr):
+        """_word_dot_xa times the word's scale, which the asm reads too: arow (float32 pointers, all the absmax
+        base) + sidx (the scale's index)."""
+        if USE_ASM:
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_F16_XS, _CONSTR_XS, [q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0,
+                                                                           h1, h2, h3], dtype=tl.float32, is_pure=True,
+                                                 pack=1)
+            return tl.inline_asm_elementwise(_PTX_BF16_XS, _CONSTR_XS, [q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0,
+                                                                        h1, h2, h3], dtype=tl.float32, is_pure=True,
+                                             pack=1)
+        xq = xrow + widx * 4
+        dot = _word_dot_sim(q, _u32(tl.load(xq)), _u32(tl.load(xq + 1)), _u32(tl.load(xq + 2)), _u32(tl.load(xq + 3)),
+                            _u32(l0), _u32(l1), _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+        return dot * tl.load(arow + sidx)
 
     @triton.jit
     def _bits16(v, F16: tl.constexpr):
@@ -252,10 +283,12 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, N, K, words_per_row, BLOCKSIZE: tl.constexpr,
+    def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, N, K, words_per_row, n_scales,
+                              BLOCKSIZE: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
                               F16: tl.constexpr, X_DIRECT: tl.constexpr, X_IN_ASM: tl.constexpr,
-                              USE_ASM: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr):
+                              SCALE_IN_ASM: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr,
+                              IDX32: tl.constexpr):
         # the word kernel's loop (int32 words, one scale per word, optional prefetch of the next step's words) with
         # the table lookups replaced by _word_dot's register decode; the products summed per lane across the loop
         # and reduced across the block once at the end. words_per_row (K // 8) is an argument of its own so that
@@ -284,6 +317,8 @@ if triton is not None:
         h2 = tl.load(regs_ptr + 6) ^ salt
         h3 = tl.load(regs_ptr + 7) ^ salt
         xrow = x_ptr + m * (K // 2) + zero  # X_IN_ASM: x in the compute type as int32 pairs
+        arow = absmax_ptr + zero  # SCALE_IN_ASM
+        last_scale = n_scales - 1
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         if PREFETCH:
             nxt = _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W, EVEN)
@@ -295,31 +330,43 @@ if triton is not None:
                 word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W, EVEN)
             wi = w0 + tl.arange(0, BLOCK_W)
             w_ok = wi < words_per_row
-            if X_IN_ASM:
-                if EVEN:
-                    part = _word_dot_xa(word, wi[None, :] + zero, xrow, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
-                else:  # words past the row's end read x at its last word (their products meet a zero scale)
-                    part = _word_dot_xa(word, tl.minimum(wi, words_per_row - 1)[None, :] + zero, xrow, l0, l1, l2,
-                                        l3, h0, h1, h2, h3, F16, USE_ASM)
-            else:
-                x0, x1, x2, x3 = _x_pairs(x_ptr, m, K, wi, w_ok, F16, X_DIRECT)
-                part = _word_dot(word, x0[None, :] + zero, x1[None, :] + zero, x2[None, :] + zero,
-                                 x3[None, :] + zero, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
             if IDX32:  # unsigned: the division is a shift
                 sidx = ((row_words + wi[None, :]).to(tl.uint32, bitcast=True) // WPB).to(tl.int32, bitcast=True)
             else:
                 sidx = (row_words + wi[None, :]) // WPB
-            if EVEN:
-                scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None], other=0.0)
+            if SCALE_IN_ASM:  # indices clamped into the arrays; products of words past the ends are dropped
+                if EVEN:
+                    part = _word_dot_xs(word, wi[None, :] + zero, xrow, tl.minimum(sidx, last_scale).to(tl.int32), arow,
+                                        l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
+                else:
+                    part = _word_dot_xs(word, tl.minimum(wi, words_per_row - 1)[None, :] + zero, xrow,
+                                        tl.minimum(sidx, last_scale).to(tl.int32), arow, l0, l1, l2, l3, h0, h1,
+                                        h2, h3, F16, USE_ASM)
+                    part = tl.where(w_ok[None, :], part, 0.0)
+                acc += part
             else:
-                scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None] & w_ok[None, :], other=0.0)
-            acc += part * scale
+                if X_IN_ASM:
+                    if EVEN:
+                        part = _word_dot_xa(word, wi[None, :] + zero, xrow, l0, l1, l2, l3, h0, h1, h2, h3, F16,
+                                            USE_ASM)
+                    else:  # words past the row's end read x at its last word (their products meet a zero scale)
+                        part = _word_dot_xa(word, tl.minimum(wi, words_per_row - 1)[None, :] + zero, xrow, l0, l1,
+                                            l2, l3, h0, h1, h2, h3, F16, USE_ASM)
+                else:
+                    x0, x1, x2, x3 = _x_pairs(x_ptr, m, K, wi, w_ok, F16, X_DIRECT)
+                    part = _word_dot(word, x0[None, :] + zero, x1[None, :] + zero, x2[None, :] + zero,
+                                     x3[None, :] + zero, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
+                if EVEN:
+                    scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None], other=0.0)
+                else:
+                    scale = tl.load(absmax_ptr + sidx, mask=row_ok[:, None] & w_ok[None, :], other=0.0)
+                acc += part * scale
         tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, prefetch, variant, use_asm: bool):
     """Launch variant `variant` (a key of PRMT_VARIANTS) of the prmt kernel: y [M, N] = x [M, K] @ W^T."""
-    _, f16, x_in_asm = PRMT_VARIANTS[variant]
+    _, f16, x_in_asm, scale_in_asm = PRMT_VARIANTS[variant]
     half = torch.float16 if f16 else torch.bfloat16
     if x_in_asm and (x.dtype != half or x.data_ptr() % 16):  # the asm reads x as 16-byte vectors of that type
         x = x.to(half, copy=True)
@@ -328,6 +375,7 @@ def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, pref
     regs = code_regs(code, f16)
     wpr = k // 8
     _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn), x.shape[0])](
-        xin, packed.view(torch.int32), absmax, regs, y, n, k, wpr, BLOCKSIZE=blocksize, BLOCK_N=bn,
-        BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm, USE_ASM=use_asm,
-        EVEN=wpr % (bk // 8) == 0, IDX32=(triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31, num_warps=warps)
+        xin, packed.view(torch.int32), absmax, regs, y, n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
+        BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm,
+        SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=wpr % (bk // 8) == 0,
+        IDX32=(triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31, num_warps=warps)

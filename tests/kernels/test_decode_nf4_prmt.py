@@ -71,9 +71,12 @@ def _fma_x2(a, b, c, f16):
     return out
 
 
-def run_ptx(ptx: str, operands: dict, memory=None):
-    """Run the asm text on numpy uint32 operand arrays {n: array} for $n (n >= 1); returns $0 as float32. `memory`
-    (uint32 array) backs ld.global, addresses counted in bytes from 0."""
+SCALES_AT = 1 << 40  # the simulated address of the absmax array (x's row is at 0)
+
+
+def run_ptx(ptx: str, operands: dict, memory=None, scales=None):
+    """Run the asm text on numpy uint32 operand arrays {n: array} for $n (n >= 1); returns $0 as float32. ld.global
+    reads `memory` (uint32 array, at address 0) or `scales` (float32 array, at SCALES_AT); addresses in bytes."""
     reg = {f"${n}": v for n, v in operands.items()}
 
     def val(tok):
@@ -93,6 +96,11 @@ def run_ptx(ptx: str, operands: dict, memory=None):
             idx = (reg[addr] // 4).astype(np.int64)
             for j, name in enumerate(d.strip() for d in dst.split(",")):
                 reg[name] = memory[idx + j].astype(np.uint32)
+            continue
+        if op == "ld.global.nc.b32":
+            dst, addr = re.match(r"(\w+),\s*\[(\w+)\]", rest).groups()
+            assert (reg[addr] >= SCALES_AT).all()
+            reg[dst] = np.asarray(scales, np.float32)[((reg[addr] - SCALES_AT) // 4).astype(np.int64)].view(np.uint32)
             continue
         if op == "mov.b32" and rest.startswith("{"):
             dst, src = re.match(r"\{(.*)\},\s*(\S+)", rest).groups()
@@ -123,6 +131,9 @@ def run_ptx(ptx: str, operands: dict, memory=None):
         elif op == "add.f32":
             r = (np.asarray(v[0], np.uint32).view(np.float32) + np.asarray(v[1], np.uint32).view(np.float32)
                  ).view(np.uint32)
+        elif op == "mul.f32":
+            r = (np.asarray(v[0], np.uint32).view(np.float32) * np.asarray(v[1], np.uint32).view(np.float32)
+                 ).view(np.uint32)
         elif op == "mad.wide.u32":
             r = v[0].astype(np.uint64) * np.uint64(int(v[1])) + np.asarray(v[2], np.uint64)
         else:
@@ -145,7 +156,9 @@ def _x_pairs(xbits):
     return xbits[:, 0::2] | (xbits[:, 1::2] << np.uint32(16))
 
 
-def _operands(ptx_x_in_asm, words, pairs, regs):
+def _operands(ptx_x_in_asm, words, pairs, regs, scale_idx=None):
+    """Operands of the PTX: with ptx_x_in_asm the word indices and x's address (0), and with scale_idx (the words'
+    scale indices) the scales' address; otherwise the x pairs; then the table registers."""
     regs = regs.numpy().astype(np.int64).astype(np.uint32)
     n = len(words)
     ops = {1: words}
@@ -153,6 +166,10 @@ def _operands(ptx_x_in_asm, words, pairs, regs):
         ops[2] = np.arange(n, dtype=np.uint32)
         ops[3] = np.uint64(0)
         first = 4
+        if scale_idx is not None:
+            ops[4] = np.asarray(scale_idx, dtype=np.uint32)
+            ops[5] = np.uint64(SCALES_AT)
+            first = 6
     else:
         for j in range(4):
             ops[2 + j] = pairs[:, j]
@@ -162,9 +179,10 @@ def _operands(ptx_x_in_asm, words, pairs, regs):
     return ops
 
 
-@pytest.mark.parametrize("f16, x_in_asm", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("f16, x_in_asm, scale_in_asm", [(False, True, True), (True, True, True),
+                                                          (False, False, False), (False, True, False)])
 @pytest.mark.parametrize("table", ["nf4", "sorted", "unsorted"])
-def test_ptx_decodes_every_code_at_every_position(f16, x_in_asm, table):
+def test_ptx_decodes_every_code_at_every_position(f16, x_in_asm, scale_in_asm, table):
     _, prmt = _modules()
     rng = np.random.default_rng(0)
     code = {"nf4": torch.tensor(NF4), "sorted": torch.tensor(np.sort(rng.normal(size=16)), dtype=torch.float32),
@@ -181,9 +199,14 @@ def test_ptx_decodes_every_code_at_every_position(f16, x_in_asm, table):
     xbits = np.zeros((len(pos), 8), dtype=np.uint32)
     xbits[np.arange(len(pos)), pos] = one
     pairs = _x_pairs(xbits)
-    ptx = prmt.word_dot_ptx(f16, x_in_asm)
-    got = run_ptx(ptx, _operands(x_in_asm, _pack_words(codes), pairs, regs), memory=pairs.reshape(-1))
-    np.testing.assert_array_equal(got, expect[cs].astype(np.float32))
+    ptx = prmt.word_dot_ptx(f16, x_in_asm, scale_in_asm)
+    # with the scale in the asm: word i's scale is scales[i // 3] (a power of two: the product stays exact)
+    scales = 2.0 ** rng.integers(-3, 4, size=len(pos) // 3 + 1)
+    sidx = np.arange(len(pos)) // 3 if scale_in_asm else None
+    got = run_ptx(ptx, _operands(x_in_asm, _pack_words(codes), pairs, regs, sidx), memory=pairs.reshape(-1),
+                  scales=scales)
+    want = expect[cs] * (scales[sidx] if scale_in_asm else 1.0)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
 def test_ptx_selectors_never_use_sign_replicate_mode_where_it_would_corrupt():
@@ -228,10 +251,11 @@ def test_ptx_sum_accuracy_at_k_14336(f16, bound):
     xbits = x.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32).reshape(words_n, 8)
     absmax = rng.uniform(0.01, 0.1, size=k // 64)
     pairs = _x_pairs(xbits)
-    part = run_ptx(prmt.word_dot_ptx(f16, True), _operands(True, _pack_words(codes), pairs,
-                                                             prmt.code_regs_uncached(code, f16)),
-                   memory=pairs.reshape(-1)).astype(np.float64)
-    got = float((part.astype(np.float32) * absmax.repeat(8).astype(np.float32)).astype(np.float32).sum())
+    part = run_ptx(prmt.word_dot_ptx(f16, True, True), _operands(True, _pack_words(codes), pairs,
+                                                                   prmt.code_regs_uncached(code, f16),
+                                                                   np.arange(words_n) // 8),
+                   memory=pairs.reshape(-1), scales=absmax.astype(np.float32))
+    got = float(part.astype(np.float32).sum(dtype=np.float32))
     w = np.asarray(NF4)[codes.reshape(-1)] * absmax.repeat(64)
     exact = float(w @ x.double().numpy())
     scale = float(np.sqrt(((w * x.double().numpy()) ** 2).sum()))  # the size of the terms: cancellation-proof
@@ -275,7 +299,7 @@ def _case(n, k, m, table, dtype, seed=0):
     (9, 256, 4, "bnb", torch.float16, (8, 256, 4, 1)),        # whole steps, N < BLOCK_N, rows 4
     (5, 512, 1, "sorted", torch.bfloat16, (1, 256, 1, 1)),    # one row per program, two whole steps, rows 1
 ])
-@pytest.mark.parametrize("variant", [1, 2, 3])
+@pytest.mark.parametrize("variant", [1, 2, 3, 4])
 def test_prmt_variants_match_reference(n, k, m, table, dtype, cfg, variant):
     d, _ = _modules()
     x, packed, absmax, code = _case(n, k, m, table, dtype)
@@ -308,7 +332,7 @@ def test_tuner_skips_wrong_and_failing_variants(monkeypatch):
     d, prmt = _modules()
     n, k = 12, 128
     inputs = d.tune_inputs(n, k, 64, "cpu", rows=1, dtype=torch.float32)
-    cands = [(8, 128, 2, 0, 0), (8, 128, 2, 0, 1), (8, 128, 2, 0, 3)]
+    cands = [(8, 128, 2, 0, 0), (8, 128, 2, 0, 1), (8, 128, 2, 0, 3)]  # word, prmt-bf16, prmt-bf16-tlx
 
     def time_ms(fn):  # variant 1 claims to be the fastest, then 3, then the word kernel
         fn()
