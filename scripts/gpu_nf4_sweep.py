@@ -1,7 +1,8 @@
 """NF4 dequant-GEMV sweep on the GPU (one command): every kernel variant x block config at the batch-1 decode shapes.
 
 For each case (Llama-3.2-1B and Llama-3.1-8B projections, blocksize 64, one row; two shapes also with four rows):
-each variant's configs of `fastlm.kernels.decode_nf4._CONFIGS` are launched once and checked against the float32
+each variant's configs of `fastlm.kernels.decode_nf4._CONFIGS` (the engine tuner's candidates) and
+`SWEEP_ONLY_CONFIGS` are launched once and checked against the float32
 dequantize-then-matmul reference (relative L2 error, and the largest element error over max |reference|), then
 timed as 20 launches in a CUDA graph (what the engine's tuner does). A config that fails to compile or run, or is
 wrong (relative error > decode_nf4.TUNE_MAX_ERROR), is reported and skipped. Per case: the best time and GB/s of each
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}; variants {d.VARIANTS}", flush=True)
-    by_variant = candidates(d._CONFIGS, args.variant_list, args.max_configs)
+    by_variant = candidates(d._CONFIGS + d.SWEEP_ONLY_CONFIGS, args.variant_list, args.max_configs)
     time_ms = graph_time_ms(args.reps)
     results = []
     for name, rows in args.case_list:

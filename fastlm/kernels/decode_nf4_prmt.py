@@ -77,7 +77,8 @@ def word_dot_ptx(f16: bool, x_in_asm: bool, scale_in_asm: bool = False) -> str:
                   "ld.global.nc.v4.b32 {rx0, rx1, rx2, rx3}, [rxa];"]
         xs, t = ["rx0", "rx1", "rx2", "rx3"], 4
         if scale_in_asm:
-            lines += [".reg .b32 rsc;", ".reg .b64 rsa;", "mad.wide.u32 rsa, $4, 4, $5;", "ld.global.nc.b32 rsc, [rsa];"]
+            lines += [".reg .b32 rsc;", ".reg .b64 rsa;", "mad.wide.u32 rsa, $4, 4, $5;",
+                      "ld.global.nc.b32 rsc, [rsa];"]
             t = 6
     else:
         xs, t = ["$2", "$3", "$4", "$5"], 6
@@ -235,13 +236,10 @@ if triton is not None:
         """_word_dot_xa times the word's scale, which the asm reads too: arow (float32 pointers, all the absmax
         base) + sidx (the scale's index)."""
         if USE_ASM:
+            args = [q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3]
             if F16:
-                return tl.inline_asm_elementwise(_PTX_F16_XS, _CONSTR_XS, [q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0,
-                                                                           h1, h2, h3], dtype=tl.float32, is_pure=True,
-                                                 pack=1)
-            return tl.inline_asm_elementwise(_PTX_BF16_XS, _CONSTR_XS, [q, widx, xrow, sidx, arow, l0, l1, l2, l3, h0,
-                                                                        h1, h2, h3], dtype=tl.float32, is_pure=True,
-                                             pack=1)
+                return tl.inline_asm_elementwise(_PTX_F16_XS, _CONSTR_XS, args, dtype=tl.float32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_PTX_BF16_XS, _CONSTR_XS, args, dtype=tl.float32, is_pure=True, pack=1)
         xq = xrow + widx * 4
         dot = _word_dot_sim(q, _u32(tl.load(xq)), _u32(tl.load(xq + 1)), _u32(tl.load(xq + 2)), _u32(tl.load(xq + 3)),
                             _u32(l0), _u32(l1), _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
@@ -283,7 +281,7 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, N, K, words_per_row, n_scales,
+    def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, M, N, K, words_per_row, n_scales,
                               BLOCKSIZE: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
                               F16: tl.constexpr, X_DIRECT: tl.constexpr, X_IN_ASM: tl.constexpr,
@@ -294,8 +292,11 @@ if triton is not None:
         # and reduced across the block once at the end. words_per_row (K // 8) is an argument of its own so that
         # Triton's specialization sees it divisible by 16 (every real K) and reads rows with 16-byte loads.
         # EVEN: words_per_row % BLOCK_W == 0 (no word past a row's end); IDX32: word indices fit in int32.
-        pid_n = tl.program_id(0)
-        m = tl.program_id(1)
+        # one program per (block of weight rows, row of x), the x rows of a block adjacent: they read the same
+        # weights one after the other (from L2 after the first)
+        pid = tl.program_id(0)
+        pid_n = pid // M
+        m = pid % M
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         WPB: tl.constexpr = BLOCKSIZE // 8
@@ -374,8 +375,8 @@ def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, pref
     xin = x.view(torch.int32) if direct else x
     regs = code_regs(code, f16)
     wpr = k // 8
-    _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn), x.shape[0])](
-        xin, packed.view(torch.int32), absmax, regs, y, n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
+    _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn) * x.shape[0],)](
+        xin, packed.view(torch.int32), absmax, regs, y, x.shape[0], n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
         BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm,
         SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=wpr % (bk // 8) == 0,
         IDX32=(triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31, num_warps=warps)

@@ -323,7 +323,7 @@ def test_config_checks_and_old_four_field_configs():
     with pytest.raises(ValueError, match="VARIANT one of"):
         d.nf4_gemv(x, packed, absmax, code, 8, 64, 64, config=(2, 512, 2, 0, 9))
     assert d.nf4_gemv_config(8, 64, 64, "cpu") == d.INTERPRETER_CONFIG
-    assert {c[4] for c in d._CONFIGS} == set(d.VARIANTS)
+    assert {c[4] for c in d._CONFIGS + d.SWEEP_ONLY_CONFIGS} == set(d.VARIANTS)
 
 
 def test_tuner_skips_wrong_and_failing_variants(monkeypatch):
