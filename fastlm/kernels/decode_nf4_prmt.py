@@ -306,9 +306,13 @@ if triton is not None:
             row_words = rows[:, None].to(tl.int64) * words_per_row
         zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
         # the eight table registers. Loaded as scalars they would be uniform values, which the compiler keeps in
-        # uniform registers and copies into ordinary ones before every permute: `salt` (0, but derived from the
-        # thread's rows, which the compiler cannot prove) makes them per-thread values held in ordinary registers
-        salt = (rows[:, None].to(tl.int64) * words_per_row >> 62).to(tl.int32) + zero
+        # uniform registers and copies into ordinary ones before every permute. `salt` is 0, but the compiler cannot
+        # prove it, nor that it is the same in every thread: derived from the rows (held once per row of a thread),
+        # or with one row per program (rows uniform) from the words too (held once per word: more registers)
+        if BLOCK_N == 1:
+            salt = ((rows[:, None].to(tl.int64) * words_per_row + tl.arange(0, BLOCK_W)[None, :]) >> 62).to(tl.int32)
+        else:
+            salt = (rows[:, None].to(tl.int64) * words_per_row >> 62).to(tl.int32) + zero
         l0 = tl.load(regs_ptr) ^ salt
         l1 = tl.load(regs_ptr + 1) ^ salt
         l2 = tl.load(regs_ptr + 2) ^ salt
