@@ -53,13 +53,62 @@ PRMT_VARIANTS = {1: ("prmt-bf16", False, True, True), 2: ("prmt-f16", True, True
                  3: ("prmt-bf16-tlx", False, False, False), 4: ("prmt-bf16-tls", False, True, False)}
 
 
-def _half_ptx(xa: str, xb: str, fma: str, t: int) -> list[str]:
+def _decode_half_ptx(t: int) -> list[str]:
+    """Four codes (the low 16 bits of rq, rs) -> rp0, rp1: their values as 16-bit pairs; tables at $t..$t+7."""
     lo = [f"${t + i}" for i in range(4)]
     hi = [f"${t + 4 + i}" for i in range(4)]
     return [f"prmt.b32 ra, {lo[0]}, {lo[1]}, rq;", f"prmt.b32 rb, {lo[2]}, {lo[3]}, rq;", "prmt.b32 rlo, ra, rb, rs;",
             f"prmt.b32 ra, {hi[0]}, {hi[1]}, rq;", f"prmt.b32 rb, {hi[2]}, {hi[3]}, rq;", "prmt.b32 rhi, ra, rb, rs;",
-            "prmt.b32 rp0, rlo, rhi, 0x4051;", "prmt.b32 rp1, rlo, rhi, 0x6273;",
-            f"{fma} racc, rp0, {xa}, racc;", f"{fma} racc, rp1, {xb}, racc;"]
+            "prmt.b32 rp0, rlo, rhi, 0x4051;", "prmt.b32 rp1, rlo, rhi, 0x6273;"]
+
+
+_SELECTORS_PTX = ["and.b32 rq, {q}, 0x77777777;", "shr.u32 rs, {q}, 1;", "and.b32 rs, rs, 0x44444444;",
+                  "or.b32 rs, rs, 0x32103210;"]
+
+
+def _half_ptx(xa: str, xb: str, fma: str, t: int) -> list[str]:
+    return _decode_half_ptx(t) + [f"{fma} racc, rp0, {xa}, racc;", f"{fma} racc, rp1, {xb}, racc;"]
+
+
+def _to_f32_ptx(f16: bool, acc: str, out: str) -> list[str]:
+    """The two 16-bit lanes of acc summed as float32 into out (uses ra, rb / rh0, rh1, rf0, rf1)."""
+    if f16:
+        return [f"mov.b32 {{rh0, rh1}}, {acc};", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
+                f"add.f32 {out}, rf0, rf1;"]
+    return [f"and.b32 ra, {acc}, 0xffff0000;", f"shl.b32 rb, {acc}, 16;", f"add.f32 {out}, ra, rb;"]
+
+
+def rows_dot_ptx(f16: bool, rows: int) -> str:
+    """The PTX of one word's decode and its dot products with `rows` rows of x, each times the word's scale.
+    Operands: $0..$rows-1 the float32 results; then the packed word, the word's index in its row, the address of
+    the first x row (16-byte aligned) and the bytes between rows (64-bit), the scale's index and the absmax address,
+    then L0..L3, H0..H3. The decode (16 permutes) is shared by the rows."""
+    fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
+    q, widx, xrow, xstride, sidx, abase = (f"${rows + i}" for i in range(6))
+    t = rows + 6
+    lines = ["{", ".reg .b32 rq, rs, ra, rb, rlo, rhi, rp0, rp1, rsc;", ".reg .b64 rxa, rsa;",
+             ".reg .b32 " + ", ".join(f"racc{r}" for r in range(rows)) + ";",
+             ".reg .b32 " + ", ".join(f"rx{r}{j}" for r in range(rows) for j in range(4)) + ";"]
+    if f16:
+        lines += [".reg .b16 rh0, rh1;", ".reg .f32 rf0, rf1;"]
+    lines.append(f"mad.wide.u32 rxa, {widx}, 16, {xrow};")
+    for r in range(rows):
+        if r:
+            lines.append(f"add.s64 rxa, rxa, {xstride};")
+        lines += [f"ld.global.nc.v4.b32 {{rx{r}0, rx{r}1, rx{r}2, rx{r}3}}, [rxa];", f"mov.b32 racc{r}, 0;"]
+    lines += [f"mad.wide.u32 rsa, {sidx}, 4, {abase};", "ld.global.nc.b32 rsc, [rsa];"]
+    lines += [line.format(q=q) for line in _SELECTORS_PTX]
+    for half in (0, 1):
+        if half:
+            lines += ["shr.u32 rq, rq, 16;", "shr.u32 rs, rs, 16;"]
+        lines += _decode_half_ptx(t)
+        for r in range(rows):
+            lines += [f"{fma} racc{r}, rp0, rx{r}{2 * half}, racc{r};",
+                      f"{fma} racc{r}, rp1, rx{r}{2 * half + 1}, racc{r};"]
+    for r in range(rows):
+        lines += _to_f32_ptx(f16, f"racc{r}", "ra") + [f"mul.f32 ${r}, ra, rsc;"]
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def word_dot_ptx(f16: bool, x_in_asm: bool, scale_in_asm: bool = False) -> str:
@@ -85,17 +134,11 @@ def word_dot_ptx(f16: bool, x_in_asm: bool, scale_in_asm: bool = False) -> str:
     if f16:
         lines.append(".reg .b16 rh0, rh1;")
         lines.append(".reg .f32 rf0, rf1;")
-    lines += ["and.b32 rq, $1, 0x77777777;", "shr.u32 rs, $1, 1;", "and.b32 rs, rs, 0x44444444;",
-              "or.b32 rs, rs, 0x32103210;", "mov.b32 racc, 0;"]
+    lines += [line.format(q="$1") for line in _SELECTORS_PTX] + ["mov.b32 racc, 0;"]
     lines += _half_ptx(xs[0], xs[1], fma, t)
     lines += ["shr.u32 rq, rq, 16;", "shr.u32 rs, rs, 16;"]
     lines += _half_ptx(xs[2], xs[3], fma, t)
-    out = "ra" if scale_in_asm else "$0"
-    if f16:
-        lines += ["mov.b32 {rh0, rh1}, racc;", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
-                  f"add.f32 {out}, rf0, rf1;"]
-    else:  # a bf16 is the high half of a float32
-        lines += ["and.b32 ra, racc, 0xffff0000;", "shl.b32 rb, racc, 16;", f"add.f32 {out}, ra, rb;"]
+    lines += _to_f32_ptx(f16, "racc", "ra" if scale_in_asm else "$0")  # a bf16 is the high half of a float32
     if scale_in_asm:
         lines.append("mul.f32 $0, ra, rsc;")
     lines.append("}")
@@ -105,6 +148,13 @@ def word_dot_ptx(f16: bool, x_in_asm: bool, scale_in_asm: bool = False) -> str:
 _CONSTRAINTS = "=r," + ",".join(["r"] * 13)
 _CONSTRAINTS_XA = "=r,r,r,l," + ",".join(["r"] * 8)
 _CONSTRAINTS_XS = "=r,r,r,l,r,l," + ",".join(["r"] * 8)
+
+
+def _rows_constraints(rows: int) -> str:
+    return ",".join(["=r"] * rows) + ",r,r,l,l,r,l," + ",".join(["r"] * 8)
+
+
+ROWS_KERNEL = True  # 2-4 rows of x: variants 1 and 2 decode each word once for all rows (rows_dot_ptx)
 
 
 def code_regs_uncached(code: torch.Tensor, f16: bool) -> torch.Tensor:
@@ -147,6 +197,12 @@ if triton is not None:
     _CONSTR = tl.constexpr(_CONSTRAINTS)
     _CONSTR_XA = tl.constexpr(_CONSTRAINTS_XA)
     _CONSTR_XS = tl.constexpr(_CONSTRAINTS_XS)
+    _PTX_BF16_R2 = tl.constexpr(rows_dot_ptx(False, 2))
+    _PTX_BF16_R4 = tl.constexpr(rows_dot_ptx(False, 4))
+    _PTX_F16_R2 = tl.constexpr(rows_dot_ptx(True, 2))
+    _PTX_F16_R4 = tl.constexpr(rows_dot_ptx(True, 4))
+    _CONSTR_R2 = tl.constexpr(_rows_constraints(2))
+    _CONSTR_R4 = tl.constexpr(_rows_constraints(4))
 
     @triton.jit
     def _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W: tl.constexpr, IN_ROW: tl.constexpr = False):
@@ -246,6 +302,48 @@ if triton is not None:
         return dot * tl.load(arow + sidx)
 
     @triton.jit
+    def _row_dot_sim(q, widx, xrow, r, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr):
+        xq = xrow + r * xpairs + widx * 4
+        return _word_dot_sim(q, _u32(tl.load(xq)), _u32(tl.load(xq + 1)), _u32(tl.load(xq + 2)), _u32(tl.load(xq + 3)),
+                             _u32(l0), _u32(l1), _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+
+    @triton.jit
+    def _rows_dot2(q, widx, xrow, xstride, xpairs, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+        """_word_dot_xs for 2 rows of x at once (xstride bytes apart; xpairs int32 pairs apart for the twin), each
+        word decoded once: a pair of float32 tensors. (One function per row count: triton 3.6 wants one return
+        type per function, constexpr branches included.)"""
+        if USE_ASM:
+            args = [q, widx, xrow, xstride, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3]
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_F16_R2, _CONSTR_R2, args, dtype=(tl.float32, tl.float32),
+                                                 is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_PTX_BF16_R2, _CONSTR_R2, args, dtype=(tl.float32, tl.float32),
+                                             is_pure=True, pack=1)
+        s = tl.load(arow + sidx)
+        return (_row_dot_sim(q, widx, xrow, 0, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s,
+                _row_dot_sim(q, widx, xrow, 1, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s)
+
+    @triton.jit
+    def _rows_dot4(q, widx, xrow, xstride, xpairs, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+        """_rows_dot2 for 4 rows."""
+        if USE_ASM:
+            args = [q, widx, xrow, xstride, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3]
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_F16_R4, _CONSTR_R4, args,
+                                                 dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                 is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_PTX_BF16_R4, _CONSTR_R4, args,
+                                             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+                                             pack=1)
+        s = tl.load(arow + sidx)
+        return (_row_dot_sim(q, widx, xrow, 0, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s,
+                _row_dot_sim(q, widx, xrow, 1, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s,
+                _row_dot_sim(q, widx, xrow, 2, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s,
+                _row_dot_sim(q, widx, xrow, 3, xpairs, l0, l1, l2, l3, h0, h1, h2, h3, F16) * s)
+
+    @triton.jit
     def _bits16(v, F16: tl.constexpr):
         """float32 v rounded to fp16 / bf16 (nearest even, in integer ops: exact under the interpreter too), as the
         16-bit pattern in an int32."""
@@ -281,6 +379,70 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
+    def _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The eight table registers, [BLOCK_N, BLOCK_W] each. Loaded as scalars they would be uniform values, which
+        the compiler keeps in uniform registers and copies into ordinary ones before every permute. `salt` is 0, but
+        the compiler cannot prove it, nor that it is the same in every thread: derived from the rows (held once per
+        row of a thread), or with one row per program (rows uniform) from the words too (once per word)."""
+        if BLOCK_N == 1:
+            salt = ((rows[:, None].to(tl.int64) * words_per_row + tl.arange(0, BLOCK_W)[None, :]) >> 62).to(tl.int32)
+        else:
+            salt = (rows[:, None].to(tl.int64) * words_per_row >> 62).to(tl.int32) + zero
+        return (tl.load(regs_ptr) ^ salt, tl.load(regs_ptr + 1) ^ salt, tl.load(regs_ptr + 2) ^ salt,
+                tl.load(regs_ptr + 3) ^ salt, tl.load(regs_ptr + 4) ^ salt, tl.load(regs_ptr + 5) ^ salt,
+                tl.load(regs_ptr + 6) ^ salt, tl.load(regs_ptr + 7) ^ salt)
+
+    @triton.jit
+    def _row_words(rows, words_per_row, IDX32: tl.constexpr):
+        """[BLOCK_N, 1] index of each row's first word."""
+        if IDX32:
+            rw = rows[:, None] * words_per_row
+        else:  # (one return per function: triton wants one return type even across constexpr branches)
+            rw = rows[:, None].to(tl.int64) * words_per_row
+        return rw
+
+    @triton.jit
+    def _scale_index(row_words, wi, WPB: tl.constexpr, IDX32: tl.constexpr):
+        """The absmax index of each word (unsigned with IDX32: the division is a shift)."""
+        if IDX32:
+            si = ((row_words + wi[None, :]).to(tl.uint32, bitcast=True) // WPB).to(tl.int32, bitcast=True)
+        else:
+            si = (row_words + wi[None, :]) // WPB
+        return si
+
+    @triton.jit
+    def _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
+                     EVEN: tl.constexpr):
+        if PREFETCH:
+            return _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W, EVEN)
+        return zero
+
+    @triton.jit
+    def _step(w_ptr, row_words, row_ok, w0, words_per_row, nxt, BLOCK_W: tl.constexpr, WPB: tl.constexpr,
+              PREFETCH: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr):
+        """One step of the loop over a row's words: (this step's words, the next step's, their indices wi, wi in
+        the row, each word's scale index). With PREFETCH the next step's words are loaded before this step's are
+        decoded (twice the bytes in flight)."""
+        if PREFETCH:
+            word = nxt
+            nxt = _words(w_ptr, row_words, row_ok, w0 + BLOCK_W, words_per_row, BLOCK_W, False)
+        else:
+            word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W, EVEN)
+        wi = w0 + tl.arange(0, BLOCK_W)
+        return word, nxt, wi, wi < words_per_row, _scale_index(row_words, wi, WPB, IDX32)
+
+    @triton.jit
+    def _block_rows(pid_n, regs_ptr, N, words_per_row, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                    IDX32: tl.constexpr):
+        """A program's weight rows: (rows, rows < N, their first words' indices, int32 zeros [BLOCK_N, BLOCK_W],
+        the eight table registers)."""
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_words = _row_words(rows, words_per_row, IDX32)
+        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
+        l0, l1, l2, l3, h0, h1, h2, h3 = _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N, BLOCK_W)
+        return rows, rows < N, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3
+
+    @triton.jit
     def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, M, N, K, words_per_row, n_scales,
                               BLOCKSIZE: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
@@ -297,48 +459,17 @@ if triton is not None:
         pid = tl.program_id(0)
         pid_n = pid // M
         m = pid % M
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
         WPB: tl.constexpr = BLOCKSIZE // 8
-        if IDX32:
-            row_words = rows[:, None] * words_per_row
-        else:
-            row_words = rows[:, None].to(tl.int64) * words_per_row
-        zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
-        # the eight table registers. Loaded as scalars they would be uniform values, which the compiler keeps in
-        # uniform registers and copies into ordinary ones before every permute. `salt` is 0, but the compiler cannot
-        # prove it, nor that it is the same in every thread: derived from the rows (held once per row of a thread),
-        # or with one row per program (rows uniform) from the words too (held once per word: more registers)
-        if BLOCK_N == 1:
-            salt = ((rows[:, None].to(tl.int64) * words_per_row + tl.arange(0, BLOCK_W)[None, :]) >> 62).to(tl.int32)
-        else:
-            salt = (rows[:, None].to(tl.int64) * words_per_row >> 62).to(tl.int32) + zero
-        l0 = tl.load(regs_ptr) ^ salt
-        l1 = tl.load(regs_ptr + 1) ^ salt
-        l2 = tl.load(regs_ptr + 2) ^ salt
-        l3 = tl.load(regs_ptr + 3) ^ salt
-        h0 = tl.load(regs_ptr + 4) ^ salt
-        h1 = tl.load(regs_ptr + 5) ^ salt
-        h2 = tl.load(regs_ptr + 6) ^ salt
-        h3 = tl.load(regs_ptr + 7) ^ salt
+        rows, row_ok, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3 = _block_rows(
+            pid_n, regs_ptr, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
         xrow = x_ptr + m * (K // 2) + zero  # X_IN_ASM: x in the compute type as int32 pairs
         arow = absmax_ptr + zero  # SCALE_IN_ASM
         last_scale = n_scales - 1
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        if PREFETCH:
-            nxt = _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W, EVEN)
+        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
         for w0 in range(0, words_per_row, BLOCK_W):
-            if PREFETCH:
-                word = nxt
-                nxt = _words(w_ptr, row_words, row_ok, w0 + BLOCK_W, words_per_row, BLOCK_W, False)
-            else:
-                word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W, EVEN)
-            wi = w0 + tl.arange(0, BLOCK_W)
-            w_ok = wi < words_per_row
-            if IDX32:  # unsigned: the division is a shift
-                sidx = ((row_words + wi[None, :]).to(tl.uint32, bitcast=True) // WPB).to(tl.int32, bitcast=True)
-            else:
-                sidx = (row_words + wi[None, :]) // WPB
+            word, nxt, wi, w_ok, sidx = _step(w_ptr, row_words, row_ok, w0, words_per_row, nxt, BLOCK_W, WPB,
+                                              PREFETCH, EVEN, IDX32)
             if SCALE_IN_ASM:  # indices clamped into the arrays; products of words past the ends are dropped
                 if EVEN:
                     part = _word_dot_xs(word, wi[None, :] + zero, xrow, tl.minimum(sidx, last_scale).to(tl.int32), arow,
@@ -369,6 +500,71 @@ if triton is not None:
         tl.store(y_ptr + m * N + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+    @triton.jit
+    def _nf4_gemv_prmt_rows_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, M, N, K, words_per_row, n_scales,
+                                   BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                                   PREFETCH: tl.constexpr, F16: tl.constexpr, ROWS: tl.constexpr,
+                                   USE_ASM: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr):
+        # _nf4_gemv_prmt_kernel with x and the scale read in the asm, for ROWS (2 or 4) rows of x per program: each
+        # word is read and decoded once for all of them. x (in the compute type, as int32 pairs) has a multiple of
+        # ROWS rows (the launcher pads it); rows of y past M are not stored.
+        pid = tl.program_id(0)
+        groups = tl.cdiv(M, ROWS)
+        pid_n = pid // groups
+        m0 = (pid % groups) * ROWS
+        WPB: tl.constexpr = BLOCKSIZE // 8
+        rows, row_ok, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3 = _block_rows(
+            pid_n, regs_ptr, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
+        xpairs = K // 2
+        xrow = x_ptr + m0 * xpairs + zero
+        xstride = (K * 2).to(tl.int64) + tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int64)
+        arow = absmax_ptr + zero
+        last_scale = n_scales - 1
+        acc0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        if ROWS == 4:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            acc3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
+        for w0 in range(0, words_per_row, BLOCK_W):
+            word, nxt, wi, w_ok, sidx = _step(w_ptr, row_words, row_ok, w0, words_per_row, nxt, BLOCK_W, WPB,
+                                              PREFETCH, EVEN, IDX32)
+            sidx = tl.minimum(sidx, last_scale).to(tl.int32)
+            if EVEN:
+                widx = wi[None, :] + zero
+            else:
+                widx = tl.minimum(wi, words_per_row - 1)[None, :] + zero
+            if ROWS == 2:
+                p0, p1 = _rows_dot2(word, widx, xrow, xstride, xpairs, sidx, arow, l0, l1, l2, l3, h0, h1, h2, h3,
+                                    F16, USE_ASM)
+                if EVEN:
+                    acc0 += p0
+                    acc1 += p1
+                else:  # products of words past the row's end are dropped
+                    acc0 += tl.where(w_ok[None, :], p0, 0.0)
+                    acc1 += tl.where(w_ok[None, :], p1, 0.0)
+            else:
+                p0, p1, p2, p3 = _rows_dot4(word, widx, xrow, xstride, xpairs, sidx, arow, l0, l1, l2, l3, h0, h1,
+                                            h2, h3, F16, USE_ASM)
+                if EVEN:
+                    acc0 += p0
+                    acc1 += p1
+                    acc2 += p2
+                    acc3 += p3
+                else:
+                    acc0 += tl.where(w_ok[None, :], p0, 0.0)
+                    acc1 += tl.where(w_ok[None, :], p1, 0.0)
+                    acc2 += tl.where(w_ok[None, :], p2, 0.0)
+                    acc3 += tl.where(w_ok[None, :], p3, 0.0)
+        out = y_ptr + m0 * N + rows
+        mrow = m0 + rows * 0  # the x row, as a tensor like rows
+        tl.store(out, tl.sum(acc0, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(out + N, tl.sum(acc1, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok & (mrow + 1 < M))
+        if ROWS == 4:
+            tl.store(out + 2 * N, tl.sum(acc2, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok & (mrow + 2 < M))
+            tl.store(out + 3 * N, tl.sum(acc3, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok & (mrow + 3 < M))
+
+
 def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, prefetch, variant, use_asm: bool):
     """Launch variant `variant` (a key of PRMT_VARIANTS) of the prmt kernel: y [M, N] = x [M, K] @ W^T."""
     _, f16, x_in_asm, scale_in_asm = PRMT_VARIANTS[variant]
@@ -379,8 +575,18 @@ def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, pref
     xin = x.view(torch.int32) if direct else x
     regs = code_regs(code, f16)
     wpr = k // 8
-    _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn) * x.shape[0],)](
-        xin, packed.view(torch.int32), absmax, regs, y, x.shape[0], n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
+    m = x.shape[0]
+    even, idx32 = wpr % (bk // 8) == 0, (triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31
+    if ROWS_KERNEL and scale_in_asm and m >= 2:
+        rows = 2 if m == 2 else 4
+        if m % rows:  # whole groups of rows: zero rows past M (never stored)
+            x = torch.cat([x, x.new_zeros(rows - m % rows, k)])
+        _nf4_gemv_prmt_rows_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, rows),)](
+            x.view(torch.int32), packed.view(torch.int32), absmax, regs, y, m, n, k, wpr, absmax.numel(),
+            BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, ROWS=rows,
+            USE_ASM=use_asm, EVEN=even, IDX32=idx32, num_warps=warps)
+        return
+    _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn) * m,)](
+        xin, packed.view(torch.int32), absmax, regs, y, m, n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
         BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm,
-        SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=wpr % (bk // 8) == 0,
-        IDX32=(triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31, num_warps=warps)
+        SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=even, IDX32=idx32, num_warps=warps)

@@ -74,9 +74,10 @@ def _fma_x2(a, b, c, f16):
 SCALES_AT = 1 << 40  # the simulated address of the absmax array (x's row is at 0)
 
 
-def run_ptx(ptx: str, operands: dict, memory=None, scales=None):
-    """Run the asm text on numpy uint32 operand arrays {n: array} for $n (n >= 1); returns $0 as float32. ld.global
-    reads `memory` (uint32 array, at address 0) or `scales` (float32 array, at SCALES_AT); addresses in bytes."""
+def run_ptx(ptx: str, operands: dict, memory=None, scales=None, outputs: int = 1):
+    """Run the asm text on numpy uint32 operand arrays {n: array} for $n (n >= outputs); returns $0 (or the list
+    $0..$outputs-1) as float32. ld.global reads `memory` (uint32 array, at address 0) or `scales` (float32 array, at
+    SCALES_AT); addresses in bytes."""
     reg = {f"${n}": v for n, v in operands.items()}
 
     def val(tok):
@@ -134,12 +135,15 @@ def run_ptx(ptx: str, operands: dict, memory=None, scales=None):
         elif op == "mul.f32":
             r = (np.asarray(v[0], np.uint32).view(np.float32) * np.asarray(v[1], np.uint32).view(np.float32)
                  ).view(np.uint32)
+        elif op == "add.s64":
+            r = np.asarray(v[0], np.uint64) + np.asarray(v[1], np.uint64)
         elif op == "mad.wide.u32":
             r = v[0].astype(np.uint64) * np.uint64(int(v[1])) + np.asarray(v[2], np.uint64)
         else:
             raise AssertionError(f"instruction {op!r} not simulated")
         reg[d] = r
-    return np.asarray(reg["$0"], np.uint32).view(np.float32)
+    outs = [np.asarray(reg[f"${i}"], np.uint32).view(np.float32) for i in range(outputs)]
+    return outs[0] if outputs == 1 else outs
 
 
 def _pack_words(codes):
@@ -207,6 +211,38 @@ def test_ptx_decodes_every_code_at_every_position(f16, x_in_asm, scale_in_asm, t
                   scales=scales)
     want = expect[cs] * (scales[sidx] if scale_in_asm else 1.0)
     np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize("rows", [2, 4])
+def test_rows_ptx_decodes_once_for_every_row(f16, rows):
+    """The multi-row PTX: row r's x is one-hot at position (j + r) % 8, so output r is the value of the code there,
+    times the word's scale: every row reads its own x (rows `stride` bytes apart) against the shared decode."""
+    _, prmt = _modules()
+    rng = np.random.default_rng(2)
+    code = torch.tensor(NF4)
+    regs = prmt.code_regs_uncached(code, f16).numpy().astype(np.int64).astype(np.uint32)
+    half = torch.float16 if f16 else torch.bfloat16
+    one = int(torch.tensor(1.0).to(half).view(torch.int16)) & 0xFFFF
+    n = 64
+    codes = rng.integers(0, 16, size=(n, 8))
+    pos = rng.integers(0, 8, size=n)
+    mem = []
+    for r in range(rows):  # x row r: n words of 4 pairs
+        xbits = np.zeros((n, 8), dtype=np.uint32)
+        xbits[np.arange(n), (pos + r) % 8] = one
+        mem.append(_x_pairs(xbits).reshape(-1))
+    memory = np.concatenate(mem)
+    scales = 2.0 ** rng.integers(-3, 4, size=n // 4)
+    ops = {rows: _pack_words(codes), rows + 1: np.arange(n, dtype=np.uint32), rows + 2: np.uint64(0),
+           rows + 3: np.uint64(n * 16), rows + 4: (np.arange(n) // 4).astype(np.uint32), rows + 5: np.uint64(SCALES_AT)}
+    for i in range(8):
+        ops[rows + 6 + i] = np.full(n, regs[i], dtype=np.uint32)
+    outs = run_ptx(prmt.rows_dot_ptx(f16, rows), ops, memory=memory, scales=scales, outputs=rows)
+    values = code.to(half).float().numpy()
+    for r in range(rows):
+        want = values[codes[np.arange(n), (pos + r) % 8]] * scales[np.arange(n) // 4]
+        np.testing.assert_array_equal(outs[r], want.astype(np.float32))
 
 
 def test_ptx_selectors_never_use_sign_replicate_mode_where_it_would_corrupt():
@@ -312,6 +348,22 @@ def test_prmt_variants_match_reference(n, k, m, table, dtype, cfg, variant):
     assert d.relative_error(got, ref) < tol, (variant, d.relative_error(got, ref))
     word = d.nf4_gemv(x, packed, absmax, code, n, k, 64, config=(*cfg, 0))
     assert d.relative_error(word, ref) < 4e-3  # the word kernel, for scale
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+@pytest.mark.parametrize("variant", [1, 2])
+def test_rows_kernel_and_one_row_programs_agree(m, variant, monkeypatch):
+    """2-5 rows of x: the multi-row kernel (groups of 2 or 4 rows, padded) and one program per row both equal the
+    reference."""
+    d, prmt = _modules()
+    x, packed, absmax, code = _case(12, 320, m, "sorted", torch.float32, seed=m)
+    ref = d.nf4_gemv_reference(x, packed, absmax, code, 12, 320, 64)
+    got = d.nf4_gemv(x, packed, absmax, code, 12, 320, 64, config=(8, 256, 2, 1, variant))
+    monkeypatch.setattr(prmt, "ROWS_KERNEL", False)
+    per_row = d.nf4_gemv(x, packed, absmax, code, 12, 320, 64, config=(8, 256, 2, 1, variant))
+    tol = 6e-3 if variant == 1 else 1e-3
+    assert d.relative_error(got, ref) < tol and d.relative_error(per_row, ref) < tol
+    torch.testing.assert_close(got, per_row, rtol=1e-5, atol=1e-5)  # the twin sums exactly: same numbers
 
 
 def test_config_checks_and_old_four_field_configs():
