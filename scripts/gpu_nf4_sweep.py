@@ -102,43 +102,60 @@ def make_inputs(n: int, k: int, rows: int, device, seed: int = 0):
 
 
 def sweep_case(d, name, n, k, rows, by_variant, time_ms, device, log=print) -> dict:
-    """One shape: every variant's configs checked, then timed (time_ms(fn) -> ms of LAUNCHES launches)."""
+    """One shape: every variant's configs checked, then timed (time_ms(fn) -> ms of LAUNCHES launches). With
+    several rows, variant 1 is also run as one program per row ("prmt-bf16/row-programs", the rows kernel off)."""
     x, packed, absmax, code = make_inputs(n, k, rows, device)
     ref = d.nf4_gemv_reference(x.float(), packed, absmax, code, n, k, BLOCKSIZE).float()
     y = torch.empty(rows, n, device=device, dtype=x.dtype)
     res = dict(case=name, n=n, k=k, rows=rows, bytes=nbytes(n, k),
                floor_us=round(nbytes(n, k) / (FLOOR_TBPS * 1e12) * 1e6, 2), variants={})
-    for variant, cfgs in by_variant.items():
-        vr = dict(name=d.VARIANTS.get(variant, str(variant)), best_us=None, config=None, rel_err=0.0, max_err=0.0,
-                  failed=[], wrong=[], timed=0)
-        for cfg in cfgs:
-            try:
-                y.fill_(float("nan"))
-                d._launch(x, packed, absmax, code, y, n, k, BLOCKSIZE, cfg)
-                rel, mx = errors(y, ref)
-                vr["rel_err"], vr["max_err"] = max(vr["rel_err"], rel), max(vr["max_err"], mx)
-                if not rel <= d.TUNE_MAX_ERROR:
-                    vr["wrong"].append(("/".join(map(str, cfg)), f"{rel:.3g}"))
-                    log(f"  WRONG {name} rows={rows} variant {vr['name']} config {cfg}: relative error {rel:.3g}")
-                    continue
-                us = time_ms(lambda c=cfg: d._launch(x, packed, absmax, code, y, n, k, BLOCKSIZE, c)) / LAUNCHES * 1e3
-            except Exception as exc:  # noqa: BLE001 - a variant that does not compile or run is reported, not fatal
-                first = (str(exc).strip().splitlines() or [""])[0][:160]
-                vr["failed"].append(("/".join(map(str, cfg)), f"{type(exc).__name__}: {first}"))
-                log(f"  FAILED {name} rows={rows} variant {vr['name']} config {cfg}: {type(exc).__name__}: {first}")
-                continue
-            vr["timed"] += 1
-            if vr["best_us"] is None or us < vr["best_us"]:
-                vr["best_us"], vr["config"] = round(us, 2), "/".join(map(str, cfg))
-        if vr["best_us"] is not None:
-            vr["gbps"] = round(res["bytes"] / (vr["best_us"] * 1e-6) / 1e9)
-        res["variants"][variant] = vr
+    runs = [(v, cfgs, True) for v, cfgs in by_variant.items()]
+    if rows > 1 and 1 in by_variant:
+        runs.append((1, by_variant[1], False))
+    prmt = sys.modules[d.launch_prmt.__module__]
+    for variant, cfgs, rows_kernel in runs:
+        prmt.ROWS_KERNEL = rows_kernel
+        try:
+            res["variants"][variant if rows_kernel else f"{variant}/row-programs"] = _sweep_variant(
+                d, name, n, k, rows, variant, cfgs, time_ms, x, packed, absmax, code, ref, y, log)
+        finally:
+            prmt.ROWS_KERNEL = True
     return res
+
+
+def _sweep_variant(d, name, n, k, rows, variant, cfgs, time_ms, x, packed, absmax, code, ref, y, log) -> dict:
+    """One variant's configs at one case: each checked against ref, then timed; the best kept."""
+    vr = dict(name=d.VARIANTS.get(variant, str(variant)), best_us=None, config=None, rel_err=0.0, max_err=0.0,
+              failed=[], wrong=[], timed=0)
+    if not sys.modules[d.launch_prmt.__module__].ROWS_KERNEL:
+        vr["name"] += "/row-programs"
+    for cfg in cfgs:
+        try:
+            y.fill_(float("nan"))
+            d._launch(x, packed, absmax, code, y, n, k, BLOCKSIZE, cfg)
+            rel, mx = errors(y, ref)
+            vr["rel_err"], vr["max_err"] = max(vr["rel_err"], rel), max(vr["max_err"], mx)
+            if not rel <= d.TUNE_MAX_ERROR:
+                vr["wrong"].append(("/".join(map(str, cfg)), f"{rel:.3g}"))
+                log(f"  WRONG {name} rows={rows} variant {vr['name']} config {cfg}: relative error {rel:.3g}")
+                continue
+            us = time_ms(lambda c=cfg: d._launch(x, packed, absmax, code, y, n, k, BLOCKSIZE, c)) / LAUNCHES * 1e3
+        except Exception as exc:  # noqa: BLE001 - a variant that does not compile or run is reported, not fatal
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            vr["failed"].append(("/".join(map(str, cfg)), f"{type(exc).__name__}: {first}"))
+            log(f"  FAILED {name} rows={rows} variant {vr['name']} config {cfg}: {type(exc).__name__}: {first}")
+            continue
+        vr["timed"] += 1
+        if vr["best_us"] is None or us < vr["best_us"]:
+            vr["best_us"], vr["config"] = round(us, 2), "/".join(map(str, cfg))
+    if vr["best_us"] is not None:
+        vr["gbps"] = round(nbytes(n, k) / (vr["best_us"] * 1e-6) / 1e9)
+    return vr
 
 
 def format_table(results: list[dict]) -> str:
     """The per-case table: one line per variant, then the case's floor, cuBLAS and tuner pick."""
-    lines = [f"{'case':<14}{'rows':>4}  {'variant':<15}{'best us':>9}{'GB/s':>7}  {'config':<16}{'rel err':>9}"
+    lines = [f"{'case':<14}{'rows':>4}  {'variant':<24}{'best us':>9}{'GB/s':>7}  {'config':<16}{'rel err':>9}"
              f"{'max err':>9}  notes"]
     for r in results:
         head = f"{r['case']:<14}{r['rows']:>4}"
@@ -150,7 +167,7 @@ def format_table(results: list[dict]) -> str:
                 notes.append(f"{len(v['failed'])} failed ({v['failed'][0][1][:60]})")
             if v["wrong"]:
                 notes.append(f"{len(v['wrong'])} wrong (rel {v['wrong'][0][1]})")
-            lines.append(f"{head}  {v['name']:<15}{us:>9}{gb:>7}  {str(v['config'] or '-'):<16}"
+            lines.append(f"{head}  {v['name']:<24}{us:>9}{gb:>7}  {str(v['config'] or '-'):<16}"
                          f"{v['rel_err']:>9.2e}{v['max_err']:>9.2e}  {'; '.join(notes)}")
             head = " " * 18
         extra = [f"floor@{FLOOR_TBPS:g}TB/s {r['floor_us']:.2f} us"]

@@ -93,3 +93,16 @@ def test_run_case_adds_cublas_and_the_tuner_pick():
     assert res["cublas_us"] == 50.0 and res["variants"][0]["best_us"] == 50.0
     assert res["tuner"]["variant"] == "word" and res["tuner"]["rel_err"] < d.TUNE_MAX_ERROR, res["tuner"]
     assert "tuner picks 4/512/2/1/0" in s.format_table([res])
+
+
+def test_several_rows_also_time_one_program_per_row():
+    from test_decode_nf4_prmt import _modules
+
+    d, prmt = _modules()
+    s = _script()
+    res = s.sweep_case(d, "tiny", 16, 128, 3, {1: [(8, 512, 2, 0, 1)]}, lambda fn: (fn(), 1.0)[1], "cpu")
+    assert set(res["variants"]) == {1, "1/row-programs"} and prmt.ROWS_KERNEL is True
+    assert res["variants"]["1/row-programs"]["name"] == "prmt-bf16/row-programs"
+    assert all(v["rel_err"] < d.TUNE_MAX_ERROR and v["best_us"] == 50.0 for v in res["variants"].values())
+    assert "prmt-bf16/row-programs" in s.format_table([res])
+    assert "prmt-bf16/row-programs" in json.dumps(s.summary([res]))
