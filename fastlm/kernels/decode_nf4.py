@@ -223,6 +223,14 @@ def _warn_skipped(skipped) -> None:
                            VARIANTS[variant], why, cfg)
 
 
+def tune_candidates(dtype) -> list[tuple]:
+    """The configs the tuner tries for x of this dtype: the word kernel's, and the prmt variant computing in that
+    dtype (bf16: variant 1, fp16: variant 2) - the other would convert x every call (and a bf16 x converted to fp16
+    could overflow), so it is not offered."""
+    own = {torch.bfloat16: 1, torch.float16: 2}.get(dtype)
+    return [c for c in _CONFIGS if c[4] in (0, own)]
+
+
 def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1,
                     packed: torch.Tensor | None = None, dtype=torch.bfloat16) -> tuple | None:
     """The fastest correct (BLOCK_N, BLOCK_K, num_warps, PREFETCH, VARIANT) for this shape and x dtype, timed once
@@ -237,7 +245,7 @@ def nf4_gemv_config(n: int, k: int, blocksize: int, device, rows: int = 1,
     if key in _TUNED:
         return _TUNED[key]
     inputs = tune_inputs(n, k, blocksize, device, rows, dtype)
-    best, skipped = _tune(n, k, blocksize, inputs, _CONFIGS, graph_launch_ms)
+    best, skipped = _tune(n, k, blocksize, inputs, tune_candidates(dtype), graph_launch_ms)
     _warn_skipped(skipped)
     _TUNED[key] = best or (*_WORD_CONFIGS[0], 0)
     return _TUNED[key]

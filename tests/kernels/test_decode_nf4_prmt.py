@@ -376,6 +376,9 @@ def test_config_checks_and_old_four_field_configs():
         d.nf4_gemv(x, packed, absmax, code, 8, 64, 64, config=(2, 512, 2, 0, 9))
     assert d.nf4_gemv_config(8, 64, 64, "cpu") == d.INTERPRETER_CONFIG
     assert {c[4] for c in d._CONFIGS + d.SWEEP_ONLY_CONFIGS} == set(d.VARIANTS)
+    assert {c[4] for c in d.tune_candidates(torch.bfloat16)} == {0, 1}
+    assert {c[4] for c in d.tune_candidates(torch.float16)} == {0, 2}
+    assert {c[4] for c in d.tune_candidates(torch.float32)} == {0}
 
 
 def test_tuner_skips_wrong_and_failing_variants(monkeypatch):
