@@ -23,15 +23,22 @@ Weight order: bitsandbytes puts a byte's first weight in its high nibble and the
 so weight j of a word is code nibble j ^ 1; selector 0x4051 puts nibble 1 (weight 0) in the low half of p0 and
 nibble 0 (weight 1) in its high half, as x's pair (x[8w], x[8w+1]) is laid out.
 
-Accuracy: the table is rounded to bf16 (or fp16), each product is rounded and a word's eight products are summed in
-two 16-bit lanes before the float32 accumulation across K, and the per-block absmax scale is applied in float32 as
-before. bf16 is as precise as bitsandbytes' own path (it dequantizes to bf16 before its matmul); fp16 keeps 3 more
-bits but converts a bf16 x to fp16 (and would overflow past 65504).
+In variants 1 and 2 the asm also reads the word's four x pairs (one 16-byte load) and its absmax scale itself:
+Triton loads of either get layouts other than the words', which the compiler reconciles through shared memory with
+barriers every step. Compiled for sm_90 (ptxas, on CPU) the loop is 35-41 SASS instructions per word (16 of them
+permutes), no barrier, under triton 3.6 and 3.9. With 2-4 rows of x one asm serves them all (rows_dot_ptx: one
+decode, a result per row).
 
-Inline PTX cannot run under TRITON_INTERPRET=1, so `_word_dot` has a pure-Triton twin (`USE_ASM=False`) that runs
-the same byte algorithm with prmt simulated in integer ops (and exact float32 arithmetic): the CPU tests run every
-piece of these kernels but the asm line, and tests/kernels/test_decode_nf4_prmt.py runs the PTX text itself through
-a small simulator of the instructions it uses.
+Accuracy: the table is rounded to bf16 (or fp16), each product is rounded and a word's eight products are summed in
+two 16-bit lanes before the float32 accumulation across K, and the per-block absmax scale is applied in float32.
+bf16 rounds the weights as bitsandbytes' own path does (it dequantizes to bf16 before its matmul), measured at about
+2x the word kernel's relative error (~3e-3 vs ~1.5e-3 with a bf16 output); fp16 keeps 3 more bits (variant 2, for
+fp16 x: a bf16 x would be converted every call and could overflow past 65504).
+
+Inline PTX cannot run under TRITON_INTERPRET=1, so each asm has a pure-Triton twin (`USE_ASM=False`) that runs the
+same byte algorithm with prmt simulated in integer ops (and exact float32 arithmetic): the CPU tests run every piece
+of these kernels but the asm lines, and tests/kernels/test_decode_nf4_prmt.py runs the PTX text itself through a
+small simulator of the instructions it uses.
 """
 from __future__ import annotations
 
