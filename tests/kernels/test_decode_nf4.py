@@ -42,7 +42,8 @@ def test_nf4_gemv_matches_reference_and_bitsandbytes(n, k, m, nested):
     got = nf4_gemv(x, packed, absmax, code, n, k, 64)
     torch.testing.assert_close(got, nf4_gemv_reference(x, packed, absmax, code, n, k, 64), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4)
-    for config in kern._CONFIGS:  # every config the GPU tuning may pick computes the same
+    for config in [c for c in kern._CONFIGS if c[4] == 0]:  # every word-kernel config the tuning may pick (the
+        # prmt variants: test_decode_nf4_prmt.py)
         got = nf4_gemv(x, packed, absmax, code, n, k, 64, config=config)
         torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4, msg=f"config {config}")
 
