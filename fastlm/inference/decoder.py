@@ -87,9 +87,10 @@ class Projection:
     bases the fused weight stays 4-bit: small batches run the NF4 GEMV kernel, larger ones call the modules.
     """
 
-    def __init__(self, modules: list[nn.Module], sizes: list[int], fuse: bool):
+    def __init__(self, modules: list[nn.Module], sizes: list[int], fuse: bool, dtype=torch.bfloat16):
         self.modules = modules
         self.sizes = sizes
+        self.dtype = dtype  # of the activations it multiplies (the NF4 GEMV is tuned for it)
         self.fused = False
         self.kind = "modules"
         if fuse:
@@ -127,7 +128,8 @@ class Projection:
                 self.blocksize, self.k, self.n = blocksize, k, sum(outs)
                 from ..kernels.decode_nf4 import nf4_gemv_config
 
-                self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device, packed=self.packed)
+                self.nf4_config = nf4_gemv_config(self.n, k, blocksize, self.packed.device, packed=self.packed,
+                                                  dtype=self.dtype)
         self.lora = []  # (A, B, scale, start, stop) over the concatenated output: the live adapter tensors
         start = 0
         for (_, out, terms) in read:
@@ -377,17 +379,18 @@ class DecoderView:
         self.layers = []
         rope_keys = set()
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        dt = self.dtype
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if hasattr(attn, "qkv_proj"):
-                qkv = Projection([attn.qkv_proj], [q_out, kv_out, kv_out], fuse)
+                qkv = Projection([attn.qkv_proj], [q_out, kv_out, kv_out], fuse, dt)
             else:
-                qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], [q_out, kv_out, kv_out], fuse)
+                qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], [q_out, kv_out, kv_out], fuse, dt)
             inter = config.intermediate_size
             if hasattr(mlp, "gate_up_proj"):
-                gate_up = Projection([mlp.gate_up_proj], [inter, inter], fuse)
+                gate_up = Projection([mlp.gate_up_proj], [inter, inter], fuse, dt)
             else:
-                gate_up = Projection([mlp.gate_proj, mlp.up_proj], [inter, inter], fuse)
+                gate_up = Projection([mlp.gate_proj, mlp.up_proj], [inter, inter], fuse, dt)
             if hasattr(attn, "sliding_window"):
                 window = attn.sliding_window
             else:
@@ -399,8 +402,8 @@ class DecoderView:
                 input_norm=_plain(layer.input_layernorm), post_attn_norm=_plain(layer.post_attention_layernorm),
                 pre_ff_norm=_plain(layer.pre_feedforward_layernorm) if sandwich else None,
                 post_ff_norm=_plain(layer.post_feedforward_layernorm) if sandwich else None,
-                qkv=qkv, o=Projection([attn.o_proj], [config.hidden_size], fuse),
-                gate_up=gate_up, down=Projection([mlp.down_proj], [config.hidden_size], fuse),
+                qkv=qkv, o=Projection([attn.o_proj], [config.hidden_size], fuse, dt),
+                gate_up=gate_up, down=Projection([mlp.down_proj], [config.hidden_size], fuse, dt),
                 act=mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn,
                 q_norm=_plain(getattr(attn, "q_norm", None)), k_norm=_plain(getattr(attn, "k_norm", None)),
                 scaling=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
