@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's GPU round through the device tool: parity checks, the generation bench, the profile.
 # usage (on the GPU machine, repo root): bash scripts/gpu_engine_round.sh [steps...]
-#   steps: check bench1b bench4 bench8b bench8b4 profile grpo export mlp  (not yet run on a GPU: grpo, export, mlp)
+#   steps: check bench1b bench4 bench8b bench8b4 profile grpo export mlp  (not yet run on a GPU: grpo, export)
 set -u
 export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
