@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # the compiled prefill pads prompts shorter than this (never past the cache): every prompt length then runs the
 # same compiled graph (the LoRA up-projection writes 8 rows or fewer differently when compiled, see
-# decoder._lora_up, which would be a second compile for prompts of up to 8 tokens)
+# projection._lora_up, which would be a second compile for prompts of up to 8 tokens)
 PREFILL_MIN_TOKENS = 16
 PREFILL_BACKEND = "inductor"  # torch.compile backend of the prefill (tests count compiles with another one)
 
