@@ -139,10 +139,11 @@ def graph_replay_ms(graph, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
-def launches_ms(fn, launches: int = 20, reps: int = 3) -> float:
+def launches_ms(fn, launches: int = 20, reps: int = 3, warm: int = 1) -> float:
     """Milliseconds of `launches` calls of fn captured in one CUDA graph (kernel time without launch overhead);
-    fn runs once first (compiles its kernels)."""
-    fn()
+    fn runs `warm` times eagerly first (compiles its kernels)."""
+    for _ in range(warm):
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

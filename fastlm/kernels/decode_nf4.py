@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from ._triton import graph_replay_ms, interpreter_on, register_opaque_op
+from ._triton import interpreter_on, launches_ms, register_opaque_op
 from .decode_nf4_prmt import PRMT_VARIANTS, launch_prmt
 
 logger = logging.getLogger(__name__)
@@ -163,16 +163,8 @@ def _fits(k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:
 
 
 def graph_launch_ms(fn, launches: int = 20, reps: int = 3) -> float:
-    """Milliseconds of `launches` calls of fn captured in one CUDA graph (kernel time, not launch overhead); two
-    eager calls first (compile, warm)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return graph_replay_ms(graph, reps)
+    """The tuner's timing: `launches_ms` after two eager calls (compile, warm)."""
+    return launches_ms(fn, launches, reps, warm=2)
 
 
 def tune_inputs(n: int, k: int, blocksize: int, device, rows: int = 1, dtype=torch.bfloat16):
