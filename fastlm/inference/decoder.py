@@ -318,7 +318,7 @@ class DecoderView:
 
     def _decode_layer(self, lv: LayerView, x, h, positions, pos_c, kc, vc):
         """`layer` for one decode token per row (GPU): x [B, hidden] the residual stream, h its input norm. The
-        projections are split-K GEMVs (or cuBLAS) and the work between them four fused kernels
+        projections are split-K GEMVs (or cuBLAS) and the work between them three fused kernels, four launches
         (kernels/decode_epilogue.py): adapters' up-projection + RoPE + cache write; adapters + residual + norm
         (twice: after o, and after down with the next layer's input norm); adapters + activation."""
         b, ep, hd = x.shape[0], lv.epilogue, self.head_dim

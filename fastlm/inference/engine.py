@@ -10,8 +10,8 @@ once in a CUDA graph; replay copies the inputs into the graph's static buffers, 
 sync. On CPU the step runs eagerly. The prefill can be compiled too (`compile_prefill=True`): one regional compile
 of the layer with the token dimension dynamic serves every prompt length (short prompts padded to
 `PREFILL_MIN_TOKENS` positions), one more every batch of several prompts. It is off by default: on the H100 it
-added about 20 s of warm-up per compile for a time to first token of 21.4 ms against 22.6 eager (1B, prompt 128). Families without an ArchSpec are refused
-(`UnsupportedModelError`); callers fall back to transformers' generate.
+added about 20 s of warm-up per compile for a time to first token of 21.4 ms against 22.6 eager (1B, prompt 128).
+Families without an ArchSpec are refused (`UnsupportedModelError`); callers fall back to transformers' generate.
 """
 from __future__ import annotations
 

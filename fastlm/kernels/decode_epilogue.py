@@ -4,21 +4,23 @@ At batch 1 the projections are GEMVs that move nearly all the bytes; the work be
 RoPE, the KV-cache write, the activation, the residual add and the next norm) was about a dozen launches per layer
 in inductor's compiled step, 1-4 us each (scripts/gpu_engine_profile.py, H100). These kernels do it in three:
 
-    qkv_rope_cache(y, xa, lora_bt, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim) -> q [B, H * D]
-        y [B, >= (H + 2 KV) D]: the q/k/v projection's output, q | k | v side by side; each output gets its
-        adapters' term lora_bt^T @ xa (unmerged LoRA: xa = x A^T [B, R], lora_bt = (scale * B)^T [R, N]); q and k
-        are rotated (rotate-half RoPE over the whole head, cos/sin [L, D] tables indexed by each row's position);
-        k and v are written into cache slot b (row b) at that position, in place; q is returned.
-    lora_act_mul(y, xa, lora_bt, inter, act) -> [B, I]
+    qkv_rope_cache(y, xa, lora, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim) -> q [B, H * D]
+        y [B, >= (H + 2 KV) D]: the q/k/v projection's output, q | k | v side by side (or split-K partial sums
+        [S, B, ...], added here); each output gets its adapters' term xa @ B^T (unmerged LoRA: xa = x A^T [B, R],
+        B^T = (scale * B)^T); q and k are rotated (rotate-half RoPE over the whole head, cos/sin [L, D] tables
+        indexed by each row's position); k and v are written into cache slot b (row b) at that position, in place;
+        q is returned.
+    lora_act_mul(y, xa, lora, inter, act, dtype) -> [B, I]
         act(gate) * up, gate = y[:, :I] + its adapter term, up = y[:, I:2I] + its term; act 0 silu, 2 gelu-tanh.
-    lora_residual_norm(x, y, xa, lora_bt, weight, eps, gemma) -> (x + a, rms_norm(x + a))
+    lora_residual_norm(x, y, xa, lora, weight, eps, gemma) -> (x + a, rms_norm(x + a))
         a = y[:, :H] + its adapter term; the norm as transformers computes it: llama (s * rstd).to(dtype) * w,
         gemma (s * rstd * (1 + w)).to(dtype), rstd from the rounded residual sum s.
 
-xa / lora_bt may be None (no adapter). Rounding follows the unfused step: each projection output with its adapter
-term is rounded to the activation dtype once, as are the residual sum and the activation. The `*_reference`
-functions are the same math in torch, the tests' oracle. The ops are opaque to torch.compile (their launches run as
-eager mode makes them); `qkv_rope_cache` declares its cache writes.
+`lora` is None (no adapter), B^T [R, N] block-diagonal, or (B^T [r, N], offsets) where the output slices share
+B^T's rows and offsets[i] is slice i's first rank in xa. Rounding follows the unfused step: each projection output
+with its adapter term is rounded to the activation dtype once, as are the residual sum and the activation. The
+`*_reference` functions are the same math in torch, the tests' oracle. The ops are opaque to torch.compile (their
+launches run as eager mode makes them); `qkv_rope_cache` declares its cache writes.
 """
 from __future__ import annotations
 
@@ -311,9 +313,7 @@ if HAS_TRITON:
     register_opaque_op("lora_residual_norm", _norm_impl, _norm_fake)
 
 
-# ---------------------------------------------------------------- the ops
-# `lora`: None (no adapter), B^T [R, N] block-diagonal (each slice's ranks at their place in xa), or (B^T [r, N],
-# offsets): the slices share B^T's rows and offsets[i] is slice i's first rank in xa (q/k/v, gate/up, one slice)
+# ---------------------------------------------------------------- the ops (`lora`: see the module docstring)
 def qkv_rope_cache(y, xa, lora, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
     """See the module docstring. y/xa rows may be strided views (xa as the last columns of y); pos [B] long."""
     bt, offsets = _adapter_parts(lora, 3)

@@ -178,3 +178,39 @@ def test_bound_layer_call_form_of_older_transformers():
     got = [x.grad] + [p.grad for p in layer.parameters()]
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_next_input_is_fetched_after_the_mlp_backward_not_during_it():
+    """The copy of the next layer's input back to the GPU starts once this layer's MLP backward has produced the
+    MLP input's gradient (so its buffer is not live at the MLP backward, a layer's peak), and exactly once; without
+    an `mlp` submodule it starts at once."""
+    from torch import nn
+
+    from fastlm.patch.offload_checkpointing import _prefetch_after_mlp_backward
+
+    events = []
+
+    class Following:
+        def prefetch(self):
+            events.append("prefetch")
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.mlp.register_full_backward_hook(lambda *a: events.append("mlp backward"))
+            self.attn.register_full_backward_hook(lambda *a: events.append("attn backward"))
+
+        def forward(self, x):
+            return self.mlp(self.attn(x))
+
+    layer = Layer()
+    hook = _prefetch_after_mlp_backward(layer, Following())
+    out = layer(torch.randn(2, 4, requires_grad=True))
+    hook.remove()
+    assert events == []
+    out.sum().backward()
+    assert events == ["mlp backward", "prefetch", "attn backward"]
+
+    events.clear()
+    assert _prefetch_after_mlp_backward(nn.Linear(4, 4), Following()) is None and events == ["prefetch"]
