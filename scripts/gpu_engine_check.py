@@ -136,6 +136,26 @@ def batching_equals_alone(engine, vocab, device, steps):
     return int(agree), len(prompts), (together - ours).abs().max().item()
 
 
+def prefill_graph_vs_eager(model, vocab, device):
+    """Captured prefills (each later prompt of a padded width replays the graph of the first, with other tokens,
+    slots and lengths) against the eager prefill of the same prompts: -> (argmax agreement, max |logit diff|,
+    logit std, replays)."""
+    g = torch.Generator().manual_seed(4)
+    cases = [([0], [100]), ([1], [120]), ([1], [7]), ([0], [13]), ([0, 1], [128, 90]), ([1, 0], [60, 127]),
+             ([0], [500]), ([1], [300])]
+    captured = Engine(model, max_slots=2, max_len=640, compile=False)
+    eager = Engine(model, max_slots=2, max_len=640, cuda_graphs=False, compile=False)
+    ours, ref = [], []
+    for slots, lengths in cases:
+        prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+        ours.append(captured.prefill(slots, prompts).clone())
+        ref.append(eager.prefill(slots, prompts))
+    ours, ref = torch.cat(ours), torch.cat(ref)
+    replays = len(cases) - len(captured._prefill_graphs.entries)
+    return ((ours.argmax(-1) == ref.argmax(-1)).float().mean().item(), (ours - ref).abs().max().item(),
+            ref.std().item(), replays)
+
+
 def speed(engine, vocab, device, prompt_len, new_tokens):
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
@@ -170,6 +190,7 @@ def check_shape(name, device, dtype, steps):
                                                  steps),
         "graph_vs_eager": lambda: graph_vs_eager(model, prompt, steps, device),
         "free_running_prefix": lambda: free_running(model, 0, device, steps),
+        "prefill_graph_vs_eager": lambda: prefill_graph_vs_eager(model, vocab, device),
     }
     engine = None
     for key, fn in checks.items():

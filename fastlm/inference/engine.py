@@ -7,10 +7,12 @@
 `decode` runs slots 0..B-1 where B is a power-of-two bucket (the scheduler packs active sequences into the low
 slots). On CUDA each bucket's decode step is compiled by inductor (fusing norms, RoPE, activation) and captured
 once in a CUDA graph; replay copies the inputs into the graph's static buffers, so the token loop makes no host
-sync. On CPU the step runs eagerly. The prefill can be compiled too (`compile_prefill=True`): one regional compile
-of the layer with the token dimension dynamic serves every prompt length (short prompts padded to
-`PREFILL_MIN_TOKENS` positions), one more every batch of several prompts. It is off by default: on the H100 it
-added about 20 s of warm-up per compile for a time to first token of 21.4 ms against 22.6 eager (1B, prompt 128).
+sync. On CPU the step runs eagerly. With graphs, a short prompt prefills by replaying a graph captured per
+(prompts, padded width) (prefill_graphs.py): the eager prefill is launch-bound. The prefill can be compiled instead
+(`compile_prefill=True`): one regional compile of the layer with the token dimension dynamic serves every prompt
+length (short prompts padded to `PREFILL_MIN_TOKENS` positions), one more every batch of several prompts. It is off
+by default: on the H100 it added about 20 s of warm-up per compile for a time to first token of 21.4 ms against 22.6
+eager (1B, prompt 128).
 Families without an ArchSpec are refused (`UnsupportedModelError`); callers fall back to transformers' generate.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..kernels._triton import graph_replay_ms
 from ..state import base_model_of
 from .decoder import DecoderView
 from .kv_cache import StaticKVCache
+from .prefill_graphs import PrefillGraphs, graph_width
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class Engine:
         self.adapter_key = adapter_state_key(model)
         self.vocab_size = base.config.vocab_size
         self._graphs: dict[int, tuple] = {}
+        self._prefill_graphs = PrefillGraphs(device, self._prefill_forward, enabled=self.use_graphs)
         self._attention_picked = False  # "auto": the first captured bucket chose view.compiled_attention for all
         self._compiled = None
         self.warmup_seconds = 0.0
@@ -111,7 +115,8 @@ class Engine:
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write each prompt into its slot from position 0 and return the last token's logits [n, V] (float32).
         Rows are right-padded to the longest prompt (the compiled prefill pads to at least PREFILL_MIN_TOKENS
-        positions); a pad position of a slot is written here but never attended later: a decode step writes its
+        positions, the captured one to a width of prefill_graphs.WIDTHS); with CUDA graphs the returned tensor may
+        be a graph's output buffer: use it before the next call. A pad position of a slot is written here but never attended later: a decode step writes its
         own key and value at its position before attending to positions up to it."""
         if len(slots) != len(prompts) or not prompts:
             raise ValueError("prefill needs one slot per prompt")
@@ -124,14 +129,16 @@ class Engine:
         # compiled: 2 <= width < max_len, one graph for all (a token dimension of 1 is the decode step's shape, and
         # one of the whole cache's length would be specialised); the rare prompt that fills the cache runs eagerly
         compiled = self.use_prefill_compile and t < self.max_len and self.max_len > 2
-        width = min(max(t, 2, PREFILL_MIN_TOKENS), self.max_len - 1) if compiled else t
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
-        tokens = tokens.to(self.device, non_blocking=True)
-        positions = torch.arange(width, device=self.device)[None].expand(len(prompts), width).contiguous()
+        graphs = self._prefill_graphs.enabled and not compiled
+        graph_w = graph_width(len(prompts), t, self.max_len) if graphs else None
+        captured = graph_w is not None
+        width = graph_w if captured else min(max(t, 2, PREFILL_MIN_TOKENS), self.max_len - 1) if compiled else t
+        tokens = _padded(prompts, width).to(self.device, non_blocking=True)
         last = torch.as_tensor([n - 1 for n in lengths], device=self.device)
         slot_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        if captured:  # short prompts on CUDA: a captured graph per (prompts, padded width), see prefill_graphs
+            return self._prefill_graphs(tokens, slot_t, last)
+        positions = torch.arange(width, device=self.device)[None].expand(len(prompts), width).contiguous()
         if compiled:
             try:
                 layer, head = self._prefill_compiled()
@@ -143,6 +150,11 @@ class Engine:
                 self.use_prefill_compile = False
                 self._prefill_fns = None
         return self.view.forward(tokens, positions, slot_t, self.cache.k, self.cache.v, last=last, kv_len=width)
+
+    def _prefill_forward(self, tokens, positions, slots, last):
+        """The eager prefill over the padded width (what `PrefillGraphs` runs and captures)."""
+        return self.view.forward(tokens, positions, slots, self.cache.k, self.cache.v, last=last,
+                                 kv_len=tokens.shape[1])
 
     def _prefill_compiled(self):
         """(layer, head) for `DecoderView.forward` over a prompt: the view's own layer and head compiled once with
@@ -374,6 +386,14 @@ def _mark_dynamic(batch_by_tokens, batch) -> None:
     if batch_by_tokens[0].shape[0] >= 2:
         for tensor in batch_by_tokens + batch:
             torch._dynamo.mark_dynamic(tensor, 0)
+
+
+def _padded(prompts: list[list[int]], width: int) -> torch.Tensor:
+    """The prompts as a [n, width] long tensor, right-padded with token 0."""
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+    return tokens
 
 
 def raise_dynamo_limits() -> None:
