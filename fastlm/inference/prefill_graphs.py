@@ -30,11 +30,12 @@ def graph_width(n_prompts: int, longest: int, max_len: int) -> int | None:
     return min(width, max_len)
 
 
-def cuda_capture(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
-    """Capture fn() in a CUDA graph using `pool`: (replay, the graph's output tensor)."""
+def cuda_capture(fn: Callable[..., torch.Tensor], inputs: tuple, pool) -> tuple[Callable[[], None], torch.Tensor]:
+    """Capture fn(*inputs) in a CUDA graph using `pool`: (replay, the graph's output tensor). The graph reads the
+    inputs' memory at each replay: the caller keeps them alive as long as it replays."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-        out = fn()
+        out = fn(*inputs)
     return graph.replay, out
 
 
@@ -42,8 +43,8 @@ class PrefillGraphs:
     """The captured prefills of one engine, keyed by (prompts, width).
 
     `forward(tokens, positions, slots, last)` is the prefill itself (the engine's view over its cache, attending
-    to `width` positions). `capture(fn, pool)` defaults to `cuda_capture`; the tests pass one that runs fn
-    eagerly at each replay, to check the static inputs without a GPU."""
+    to `width` positions). `capture(fn, inputs, pool)` defaults to `cuda_capture`; the tests pass one that runs
+    fn eagerly at each replay, to check the static inputs without a GPU."""
 
     def __init__(self, device: torch.device, forward, capture=None, enabled: bool = True):
         self.device = device
@@ -59,7 +60,7 @@ class PrefillGraphs:
         key = tuple(tokens.shape)
         entry = self.entries.get(key)
         if entry is not None:
-            replay, static_tok, static_slots, static_last, out = entry
+            replay, (static_tok, _, static_slots, static_last), out = entry
             static_tok.copy_(tokens)
             static_slots.copy_(slots)
             static_last.copy_(last)
@@ -68,14 +69,14 @@ class PrefillGraphs:
         positions = torch.arange(key[1], device=self.device)[None].expand(key).contiguous()
         logits = self.forward(tokens, positions, slots, last)  # this prompt's answer; also warms every kernel
         if self.enabled:
-            self._capture(key, tokens.clone(), positions, slots.clone(), last.clone())
+            self._capture(key, (tokens.clone(), positions, slots.clone(), last.clone()))
         return logits
 
-    def _capture(self, key, tokens, positions, slots, last) -> None:
+    def _capture(self, key, inputs) -> None:
         try:
             if self.pool is None and self.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
-            replay, out = self.capture(lambda: self.forward(tokens, positions, slots, last), self.pool)
+            replay, out = self.capture(self.forward, inputs, self.pool)
         except Exception as exc:  # noqa: BLE001 - prefill eagerly from now on, reported once
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             logger.warning("fastlm engine: the prefill could not be captured in a CUDA graph (%s); prefilling "
@@ -84,4 +85,4 @@ class PrefillGraphs:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             return
-        self.entries[key] = (replay, tokens, slots, last, out)
+        self.entries[key] = (replay, inputs, out)  # the inputs too: the graph reads their memory at every replay

@@ -3,6 +3,7 @@ the prefill eagerly at each replay over the same static inputs: a graph reads it
 tensors, so a replay that forgot to refresh one of them (tokens, slots, last position) answers for the wrong
 prompt here as it would on the GPU. Generation through the captured prefill must give the eager engine's tokens."""
 import logging
+import weakref
 
 import pytest
 import torch
@@ -19,19 +20,24 @@ def _prompts(lengths, seed=0):
 
 
 class EagerCapture:
-    """A stand-in for a CUDA graph capture: replay runs the captured function again into its output buffer."""
+    """A stand-in for a CUDA graph capture: replay runs the captured function again, on the same input tensors,
+    into its output buffer. Like a real graph it holds its inputs only by address (here weakly): a replay after
+    the caller let one go fails, where a graph would read freed memory."""
 
     def __init__(self):
         self.captures = 0
         self.replays = 0
 
-    def __call__(self, fn, pool):
+    def __call__(self, fn, inputs, pool):
         self.captures += 1
-        out = fn()
+        refs = [weakref.ref(t) for t in inputs]
+        out = fn(*inputs)
 
         def replay():
             self.replays += 1
-            out.copy_(fn())
+            live = [r() for r in refs]
+            assert all(t is not None for t in live), "a captured input was freed before a replay"
+            out.copy_(fn(*live))
         return replay, out
 
 
@@ -81,7 +87,7 @@ def test_generation_through_captured_prefills_equals_eager(tiny_model_factory, l
 def test_a_failed_capture_is_reported_once_and_prefills_eagerly(tiny_model_factory, loaded, caplog):
     model, _ = loaded(tiny_model_factory("llama"))
 
-    def broken(fn, pool):
+    def broken(fn, inputs, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     eng = _captured_engine(model, broken, max_slots=2, max_len=32)
