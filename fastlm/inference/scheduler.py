@@ -80,11 +80,17 @@ class _DeviceState:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, tokenizer=None, sync_every: int = 8):
+    """look_ahead: while nobody streams or waits for a slot, queue the next `sync_every` steps before reading the
+    last ones' stop flags (copied to the host behind an event), so the GPU never idles while the host checks them;
+    a sequence that stopped meanwhile costs at most that many masked steps. None = on for CUDA."""
+
+    def __init__(self, engine: Engine, tokenizer=None, sync_every: int = 8, look_ahead: bool | None = None):
         self.engine = engine
         engine.view.refresh_adapters()  # adapters may have been trained since the engine was built
         self.tokenizer = tokenizer
         self.sync_every = max(1, int(sync_every))
+        self.look_ahead = engine.device.type == "cuda" if look_ahead is None else bool(look_ahead)
+        self.ahead = 0  # decode steps queued past the last sync (look-ahead), not yet seen by the host
         s = engine.max_slots
         state = getattr(engine, "_scheduler_state", None)
         if state is None or not state.take(self):  # none yet, or another live scheduler uses it: a private one
@@ -130,7 +136,21 @@ class Scheduler:
             return []
         b = self.engine.bucket(max(occupied) + 1)
         streaming = any(self.slot_req[i].on_tokens is not None for i in occupied)
-        n = 1 if streaming else min(self.sync_every, max(self.left[i] for i in occupied))
+        if self.ahead:  # queued by the last step's look-ahead: they are this round's steps
+            n, self.ahead = self.ahead, 0
+        else:
+            n = 1 if streaming else min(self.sync_every, max(self.left[i] for i in occupied))
+            self._decode_steps(b, n)
+        snapshot = self._snapshot()
+        if self.look_ahead and not streaming and not self.pending and not any(
+                self.slot_req[i].params.stop_strings or self.slot_req[i].aborted for i in occupied):
+            more = min(self.sync_every, max(self.left[i] for i in occupied) - n)
+            if more > 0:
+                self._decode_steps(b, more)
+                self.ahead = more
+        return self._sync(*snapshot)
+
+    def _decode_steps(self, b: int, n: int) -> None:
         rows = self.state.rows.get(b)
         if rows is None:
             rows = self.state.rows[b] = torch.arange(b, device=self.engine.device)
@@ -145,7 +165,21 @@ class Scheduler:
             if key is not None and key not in self.state.graphs:
                 self.state.graphs[key] = self.engine.capture_with(
                     b, lambda: self._decode_once(b, rows, row_ids, captured=True))
-        return self._sync()
+
+    def _snapshot(self):
+        """The stop flags and lengths as the steps queued so far leave them: on CUDA copied into pinned host memory
+        behind an event (the host waits for that event, not for steps queued after it), else read now."""
+        if self.engine.device.type != "cuda":
+            return self.done.tolist(), self.n_gen.tolist()
+        if getattr(self, "_host", None) is None:
+            self._host = (torch.empty(self.done.shape, dtype=torch.bool, pin_memory=True),
+                          torch.empty(self.n_gen.shape, dtype=torch.long, pin_memory=True))
+        done, n_gen = self._host
+        done.copy_(self.done, non_blocking=True)
+        n_gen.copy_(self.n_gen, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, done, n_gen
 
     def _graph_key(self, b: int, row_ids: list[int]):
         """What a captured whole step depends on besides tensor contents, or None when it must run uncaptured
@@ -231,9 +265,11 @@ class Scheduler:
             logits = self.engine.decode(self.cur[:b], self.pos[:b])
         self._take_tokens(logits, rows, row_ids, fused=self.state.fused_bookkeeping)
 
-    def _sync(self) -> list[Result]:
-        done = self.done.tolist()
-        n_gen = self.n_gen.tolist()
+    def _sync(self, *snapshot) -> list[Result]:
+        if len(snapshot) == 3:  # (event, pinned done, pinned n_gen): wait for the steps up to the snapshot only
+            snapshot[0].synchronize()
+            snapshot = snapshot[1].tolist(), snapshot[2].tolist()
+        done, n_gen = snapshot
         occupied = [i for i, r in enumerate(self.slot_req) if r is not None]
         need = [i for i in occupied if done[i] or self.slot_req[i].on_tokens or self.slot_req[i].params.stop_strings
                 or self.slot_req[i].aborted]
@@ -266,6 +302,8 @@ class Scheduler:
             self.slot_req[i] = None
             self.sampler.clear_slot(i)
             self.done[i] = True
+        if all(r is None for r in self.slot_req):
+            self.ahead = 0  # steps queued for sequences that have all finished: nothing to wait for
         self.finished.extend(out)
         return out
 
