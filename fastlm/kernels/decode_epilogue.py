@@ -14,7 +14,11 @@ in inductor's compiled step, 1-4 us each (scripts/gpu_engine_profile.py, H100). 
         act(gate) * up, gate = y[:, :I] + its adapter term, up = y[:, I:2I] + its term; act 0 silu, 2 gelu-tanh.
     lora_residual_norm(x, y, xa, lora, weight, eps, gemma) -> (x + a, rms_norm(x + a))
         a = y[:, :H] + its adapter term; the norm as transformers computes it: llama (s * rstd).to(dtype) * w,
-        gemma (s * rstd * (1 + w)).to(dtype), rstd from the rounded residual sum s.
+        gemma (s * rstd * (1 + w)).to(dtype), rstd from the rounded residual sum s. A row is spread over
+        programs of NORM_CONFIG's BLOCK columns (one program read the whole B^T, 64 KB at Llama-3.2-1B r16: 4.1 us
+        a launch on the H100); the row's last program to finish, found with an atomic ticket counter, normalises
+        it. The counters (`row_counters`, zeroed, per device) are left zeroed by each launch, so launches must be
+        stream-ordered, and the first call (which allocates them) must not be inside a CUDA graph capture.
 
 `lora` is None (no adapter), B^T [R, N] block-diagonal, or (B^T [r, N], offsets) where the output slices share
 B^T's rows and offsets[i] is slice i's first rank in xa. Rounding follows the unfused step: each projection output
@@ -29,11 +33,15 @@ from typing import Optional
 
 import torch
 
+from ..errors import UnsupportedFeatureError
 from ._triton import HAS_TRITON, jit, next_pow2, register_opaque_op, tl
 from .reference import rotate_half
 
 SILU, GELU_TANH = 0, 2
 ACTIVATIONS = {"silu": SILU, "gelu_tanh": GELU_TANH}  # the resolved architecture's names
+# launch configs (scripts/gpu_epilogue_bench.py sweeps them on the GPU): the residual norm's (BLOCK columns per
+# program, num_warps)
+NORM_CONFIG = (128, 4)
 
 
 # ---------------------------------------------------------------- references (pure torch)
@@ -192,27 +200,46 @@ def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stri
 
 
 @jit
-def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, stride_x, stride_ys, stride_y,
-                               stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, XOFF, HIDDEN, eps,
-                               BLOCK: tl.constexpr, GEMMA: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr,
-                               S_XA: tl.constexpr):
+def _rms_norm_store(s, cols, ok, w_ptr, out_ptr, HIDDEN, eps, GEMMA: tl.constexpr):
+    """out[cols] = rms_norm(s) for s, a whole row in fp32 (its rstd from these values)."""
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if GEMMA:
+        out = s * rstd * (1.0 + w)
+    else:
+        out = (s * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@jit
+def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, count_ptr, stride_x, stride_ys,
+                               stride_y, stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, XOFF, HIDDEN, eps,
+                               BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, GEMMA: tl.constexpr,
+                               BLOCK_R: tl.constexpr, S: tl.constexpr, S_XA: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (row, part) computes s for its BLOCK columns. SPLIT: the row spans several programs; each takes a
+    ticket from the row's counter after storing its s, and the one that takes the last ticket reads the whole row
+    of s back (L2), normalises it and resets the counter to 0 for the next launch."""
     row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < HIDDEN
     a = _summed(y_ptr + row * stride_y, cols, ok, stride_ys, S)
     a = _adapter_term(a, xa_ptr + row * stride_xa + XOFF, stride_xas, bt_ptr, cols, ok, R, stride_bt, BLOCK_R, S_XA)
     ty = s_ptr.dtype.element_ty
     a = a.to(ty).to(tl.float32)
     s = (tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32) + a).to(ty)
-    tl.store(s_ptr + row * stride_s + cols, s, mask=ok)
-    s = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / HIDDEN + eps)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if GEMMA:
-        out = s * rstd * (1.0 + w)
+    s_row = s_ptr + row * stride_s
+    tl.store(s_row + cols, s, mask=ok)
+    if SPLIT:
+        tl.debug_barrier()  # every thread's stores of s happen before the ticket (whose release publishes them)
+        ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:  # the row's other programs have all stored their s
+            every = tl.arange(0, ROW_BLOCK)
+            every_ok = every < HIDDEN
+            whole = tl.load(s_row + every, mask=every_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(count_ptr + row, 0)
+            _rms_norm_store(whole, every, every_ok, w_ptr, out_ptr + row * stride_out, HIDDEN, eps, GEMMA)
     else:
-        out = (s * rstd).to(ty).to(tl.float32) * w
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+        _rms_norm_store(s.to(tl.float32), cols, ok, w_ptr, out_ptr + row * stride_out, HIDDEN, eps, GEMMA)
 
 
 # ---------------------------------------------------------------- launchers (the ops' bodies)
@@ -264,18 +291,59 @@ def _launch_act(y, xa, lora_bt, xa_offsets, inter, act, dtype):
     return h
 
 
-def _launch_norm(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma):
+# per-row ticket counters of the split residual norm, one zeroed int32 buffer per device (see `row_counters`)
+_COUNTERS: dict[str, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers: CUDA graphs captured with them still point at them
+
+
+def row_counters(device: torch.device, rows: int) -> torch.Tensor:
+    """The zeroed int32 ticket counters (>= `rows`) that `lora_residual_norm` uses when a row spans several programs;
+    each launch leaves them zeroed again. Launches sharing them must be stream-ordered (one stream, or streams that
+    wait on each other: CUDA graphs replayed on one stream are). Allocated on first use and grown (the old buffer
+    is kept alive for graphs captured with it); a call inside a CUDA graph capture cannot allocate, so call this
+    (or run the step once eagerly, as the engine does) before capturing."""
+    device = torch.device(device)
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= rows:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise UnsupportedFeatureError(
+            f"lora_residual_norm needs ticket counters for {rows} rows on {key}, and this call is inside a CUDA "
+            f"graph capture, where they cannot be allocated (they have {0 if buf is None else buf.numel()} rows). "
+            f"Fix: run the step once eagerly before capturing it, or call "
+            f"fastlm.kernels.decode_epilogue.row_counters(device, rows) first.")
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
+    _COUNTERS[key] = buf
+    return buf
+
+
+def _launch_norm(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma, config=None):
+    """config (BLOCK, num_warps): BLOCK columns per program (next_pow2(hidden) or more: one program per row, the
+    kernel before rows were split), default NORM_CONFIG."""
     b, hidden = x.shape
     y, s_y, sys_, syr = _splits(y)
     s = torch.empty_like(x)
     out = torch.empty_like(x)
     xa_, s_xa, sxs, sxr, bt, r, sbt, block_r = _lora_args(y, xa, lora_bt)
-    block = next_pow2(hidden)
-    _lora_residual_norm_kernel[(b,)](x, y, xa_, bt, weight, s, out, x.stride(0), sys_, syr, sxs, sxr, sbt,
-                                     s.stride(0), out.stride(0), r, xa_offsets[0], hidden, eps, BLOCK=block,
-                                     GEMMA=gemma,
-                                     BLOCK_R=block_r, S=s_y, S_XA=s_xa, num_warps=_warps(block_r * block, low=4))
+    row_block = next_pow2(hidden)
+    block, warps = config or NORM_CONFIG
+    block = min(next_pow2(block), row_block)
+    parts = -(-hidden // block)
+    counters = row_counters(x.device, b) if parts > 1 else s
+    _lora_residual_norm_kernel[(b, parts)](x, y, xa_, bt, weight, s, out, counters, x.stride(0), sys_, syr, sxs, sxr,
+                                           sbt, s.stride(0), out.stride(0), r, xa_offsets[0], hidden, eps, BLOCK=block,
+                                           ROW_BLOCK=row_block, GEMMA=gemma, BLOCK_R=block_r, S=s_y, S_XA=s_xa,
+                                           SPLIT=parts > 1, num_warps=warps)
     return s, out
+
+
+def _norm_config_before(hidden: int, block_r: int) -> tuple[int, int]:
+    """The residual norm's launch before rows were split: one program per row (the GPU bench's baseline)."""
+    block = next_pow2(hidden)
+    return block, _warps(block_r * block, low=4)
 
 
 def _qkv_impl(y: torch.Tensor, xa: Optional[torch.Tensor], lora_bt: Optional[torch.Tensor], xa_offsets: list[int],

@@ -112,6 +112,46 @@ def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora, splits):
         torch.testing.assert_close(ref.float(), norm(expect_s).float(), atol=atol, rtol=rtol)
 
 
+def _norm_case(g, b, hidden, r, dtype, splits, lora, offset=0):
+    """Inputs of lora_residual_norm: x, y, xa, the lora argument and a weight. offset: the adapter's first rank in
+    xa (compact adapters; the ranks before it belong to another slice)."""
+    x, y_full = _draw(g, b, hidden, dtype=dtype), _projection_output(g, b, hidden, offset + r, dtype, splits)
+    y, xa = y_full[..., :hidden], (y_full[..., hidden:] if lora else None)
+    bt = _draw(g, r, hidden, dtype=dtype, scale=0.1) if lora else None
+    arg = (bt, [offset]) if lora and offset else bt
+    return x, y, xa, arg, _draw(g, hidden, dtype=dtype, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,block,rows,splits,lora,offset,gemma", [
+    (300, None, 3, 1, True, 0, False),  # the default config: 3 programs a row, the last one 44 columns wide
+    (1000, None, 1, 4, True, 5, True),
+    (256, None, 2, 2, False, 0, False),  # whole blocks only
+    (130, 32, 4, 3, True, 0, True),
+    (96, 32, 1, 1, False, 0, True),
+    (200, 64, 2, 1, True, 2, False),
+])
+def test_residual_norm_over_several_programs_a_row(dtype, hidden, block, rows, splits, lora, offset, gemma):
+    """A row split over programs (the last to finish normalises it) gives the reference's residual sum and norm,
+    twice in a row: each launch leaves the row counters at 0 for the next (else the second launch writes no norm)."""
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(5)
+    atol, rtol = TOL[dtype]
+    for _ in range(2):
+        x, y, xa, lora_arg, w = _norm_case(g, rows, hidden, 4, dtype, splits, lora, offset)
+        ref_s, ref = mod.lora_residual_norm_reference(x, y, xa, lora_arg, w, 1e-5, gemma)
+        with force_triton():
+            if block is None:
+                assert -(-hidden // mod.NORM_CONFIG[0]) > 1  # the default config does split these rows
+                s, out = mod.lora_residual_norm(x, y, xa, lora_arg, w, 1e-5, gemma)
+            else:
+                bt, offsets = mod._adapter_parts(lora_arg, 1)
+                s, out = mod._launch_norm(x, y, xa, bt, offsets, w, 1e-5, gemma, config=(block, 1))
+        torch.testing.assert_close(s.float(), ref_s.float(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+        assert not mod.row_counters(x.device, rows).any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k", [(1, 50, 96), (3, 33, 130), (2, 64, 64)])
 def test_split_k_gemv_partials_sum_to_the_product(dtype, rows, n, k):
