@@ -24,9 +24,13 @@ def _plain_sum(t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lora,h,kv,d,splits", [(True, 4, 2, 16, 1), (False, 4, 4, 16, 1), (True, 3, 1, 12, 1),
-                                                (True, 4, 2, 16, 3), (False, 2, 1, 16, 2)])
-def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, splits):
+@pytest.mark.parametrize("lora,h,kv,d,splits,config", [
+    (True, 4, 2, 16, 1, None), (False, 4, 4, 16, 1, None), (True, 3, 1, 12, 1, None), (True, 4, 2, 16, 3, None),
+    (False, 2, 1, 16, 2, None),
+    (True, 3, 1, 12, 2, (4, 1)),  # a head over programs of 4 rotation pairs (6 pairs: the second one half full)
+    (True, 4, 2, 16, 1, (2, 2)),
+])
+def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, splits, config):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(0)
     b, length, r = 3, 9, 6
@@ -43,7 +47,10 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, spli
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref = mod.qkv_rope_cache_reference(y, xa, bt, cos, sin, pos, kc_ref, vc_ref, h, kv, d)
     with force_triton():
-        got = mod.qkv_rope_cache(y, xa, bt, cos, sin, pos, kc, vc, h, kv, d)
+        if config is None:
+            got = mod.qkv_rope_cache(y, xa, bt, cos, sin, pos, kc, vc, h, kv, d)
+        else:
+            got = mod._launch_qkv(y, xa, bt, [0, 0, 0], cos, sin, pos, kc, vc, h, kv, d, config=config)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(kc.float(), kc_ref.float(), atol=atol, rtol=rtol)
@@ -62,8 +69,9 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, spli
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("lora,splits", [(True, 1), (False, 1), (True, 4)])
-def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits):
+@pytest.mark.parametrize("lora,splits,config", [(True, 1, None), (False, 1, None), (True, 4, None),
+                                               (True, 4, (256, 4)), (False, 2, (1024, 4))])  # the configs before
+def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits, config):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(1)
     b, inter, r = 2, 1500, 5  # inter past one 1024 block
@@ -73,7 +81,10 @@ def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits):
     code = mod.ACTIVATIONS[act]
     ref = mod.lora_act_mul_reference(y, xa, bt, inter, code, dtype)
     with force_triton():
-        got = mod.lora_act_mul(y, xa, bt, inter, code, dtype)
+        if config is None:
+            got = mod.lora_act_mul(y, xa, bt, inter, code, dtype)
+        else:
+            got = mod._launch_act(y, xa, bt, [0, 0], inter, code, dtype, config=config)
     assert got.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
