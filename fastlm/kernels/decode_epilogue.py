@@ -152,6 +152,25 @@ def _adapter_term(xa, bt):
 
 
 @jit
+def _qkv_store(lo, hi, i, ok, row, head, pos, q_ptr, kc_ptr, vc_ptr, stride_q, stride_cb, stride_ch, stride_cl,
+               H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr):
+    """Head `head`'s halves [lo, hi] (pairs i) into q (q heads) or cache slot `row` at `pos` (k, then v heads)."""
+    if head < H:
+        out = q_ptr + row * stride_q + head * (2 * HALF)
+        tl.store(out + i, lo.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF + i, hi.to(q_ptr.dtype.element_ty), mask=ok)
+    else:
+        kv_head = (head - H) % KV
+        dst = row.to(tl.int64) * stride_cb + kv_head * stride_ch + pos * stride_cl
+        if head < H + KV:
+            tl.store(kc_ptr + dst + i, lo.to(kc_ptr.dtype.element_ty), mask=ok)
+            tl.store(kc_ptr + dst + HALF + i, hi.to(kc_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(vc_ptr + dst + i, lo.to(vc_ptr.dtype.element_ty), mask=ok)
+            tl.store(vc_ptr + dst + HALF + i, hi.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+@jit
 def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, stride_ys,
                            stride_y, stride_xas, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch,
                            stride_cl, R, XQ, XK, XV, S, S_XA, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
@@ -183,19 +202,8 @@ def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
     hi = hi.to(out_ty).to(tl.float32)
     if head < H + KV:  # q and k heads rotate: [lo, hi] * cos + [-hi, lo] * sin
         lo, hi = lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
-    if head < H:
-        out = q_ptr + row * stride_q + head * (2 * HALF)
-        tl.store(out + i, lo.to(out_ty), mask=ok)
-        tl.store(out + HALF + i, hi.to(out_ty), mask=ok)
-    else:
-        kv_head = (head - H) % KV
-        dst = row.to(tl.int64) * stride_cb + kv_head * stride_ch + pos * stride_cl
-        if head < H + KV:
-            tl.store(kc_ptr + dst + i, lo.to(kc_ptr.dtype.element_ty), mask=ok)
-            tl.store(kc_ptr + dst + HALF + i, hi.to(kc_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.store(vc_ptr + dst + i, lo.to(vc_ptr.dtype.element_ty), mask=ok)
-            tl.store(vc_ptr + dst + HALF + i, hi.to(vc_ptr.dtype.element_ty), mask=ok)
+    _qkv_store(lo, hi, i, ok, row, head, pos, q_ptr, kc_ptr, vc_ptr, stride_q, stride_cb, stride_ch, stride_cl, H, KV,
+               HALF)
 
 
 @jit

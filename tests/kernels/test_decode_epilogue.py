@@ -195,3 +195,50 @@ def test_compact_adapters_read_each_slice_own_ranks():
         got = mod.lora_act_mul(y, xa, compact, inter, mod.SILU)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mod.lora_act_mul_reference(y, xa, compact, inter, mod.SILU), expect)
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    kernel_module("decode_epilogue")
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_epilogue_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_epilogue_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_bench_cases_run_here():
+    """scripts/gpu_epilogue_bench.py's cases at a tiny model's shapes: its frozen kernels from before and the
+    current ones (default and multi-program configs) match the references, so a GPU run fails only on the GPU."""
+    bench = _bench_script()
+    dims = dict(hidden=96, inter=80, heads=2, kv=1, head_dim=16)
+    split = {"norm": (32, 1), "act": (32, 1), "qkv": (4, 1)}  # rows over 3 programs, heads over 2
+    for op in ("norm", "act", "qkv"):
+        for lora, splits in ((None, 1), ("compact", 4), ("blockdiag", 2)):
+            new, old, ref, _ = bench.make_case(op, dims, lora, splits, 2, DEVICE, dtype=torch.float16)
+            with force_triton():
+                for got in (new(), new(split[op]), old()):
+                    assert bench.max_error(got, ref) <= bench.tolerance(ref), (op, lora)
+
+
+def test_gpu_bench_flow_reports_per_token_time(monkeypatch, capsys):
+    """The bench's whole flow at tiny shapes with a stand-in timer (old 2 us, new 1 us a launch, configs 0.5 us
+    and up): every case checked, the sweep ranked, the table printed, the 1B per-token sums right."""
+    bench = _bench_script()
+    monkeypatch.setattr(bench, "MODELS", {"1B": dict(hidden=160, inter=40, heads=2, kv=1, head_dim=8),
+                                          "8B": dict(hidden=64, inter=24, heads=2, kv=2, head_dim=8)})
+    monkeypatch.setattr(bench, "RACE_RUNS", 2)
+    monkeypatch.setattr(bench, "SWEEP", {"norm": [(64, 1), (32, 2)], "act": [(16, 1)], "qkv": [(2, 1), (4, 1)]})
+
+    def timer(op, dims, lora, splits, rows, device, configs):
+        return {"old": (2.0, 1.5), "new": (1.0, 0.8), **{c: (0.5 + c[0] / 1000, float("nan")) for c in configs}}
+
+    with force_triton():
+        payload = bench.run(["1B", "8B"], DEVICE, True, dtype=torch.float16, timer=timer)
+    assert payload["ok"] and payload["counters_zero"]
+    # 32 norms, 16 activations, 16 qkv; the best configs: norm (32, 2) 0.532, act (16, 1) 0.516, qkv (2, 1) 0.502
+    assert payload["per_token_1b_us"] == {"old": 128.0, "new": 64.0, "best": 33.3}
+    assert payload["sweeps"]["norm/1B"] == {"(32, 2)": 0.532, "(64, 1)": 0.564}
+    assert len(payload["summary"]) == 6 and capsys.readouterr().out.rstrip().splitlines()[-1].startswith("1B per token")
