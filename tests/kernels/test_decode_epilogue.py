@@ -163,6 +163,17 @@ def test_residual_norm_over_several_programs_a_row(dtype, hidden, block, rows, s
         assert not mod.row_counters(x.device, rows).any()
 
 
+def test_row_counters_not_allocated_inside_a_graph_capture(monkeypatch):
+    """A first split residual norm inside a CUDA graph capture cannot allocate its counters: the error says to
+    run the step eagerly first or reserve them."""
+    from fastlm.errors import UnsupportedFeatureError
+
+    mod = kernel_module("decode_epilogue")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(UnsupportedFeatureError, match=r"row_counters\(device, rows\) first"):
+        mod.row_counters(torch.device("cuda", 0), 10 ** 6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k", [(1, 50, 96), (3, 33, 130), (2, 64, 64)])
 def test_split_k_gemv_partials_sum_to_the_product(dtype, rows, n, k):
