@@ -267,8 +267,7 @@ def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_p
         xa = _xa_tile(xa_ptr + row * stride_xa + XOFF, stride_xas, S_XA, R, BLOCK_R, SP_XA)
         bt = _bt_tile(bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    if not SPLIT:
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     a = _total(a)
     if BLOCK_R > 1:
         a += _adapter_term(xa, bt)
@@ -278,6 +277,9 @@ def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_p
     s_row = s_ptr + row * stride_s
     tl.store(s_row + cols, s, mask=ok)
     if SPLIT:
+        # the weights wait in out (the last program overwrites them): loaded here with everything else, they are in
+        # L2 when the last program reads the row's weights, instead of in DRAM behind the ticket
+        tl.store(out_ptr + row * stride_out + cols, w, mask=ok)
         tl.debug_barrier()  # every thread's stores of s happen before the ticket (whose release publishes them)
         ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
         if ticket == tl.num_programs(1) - 1:  # the row's other programs have all stored their s
