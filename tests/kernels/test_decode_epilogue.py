@@ -24,9 +24,13 @@ def _plain_sum(t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lora,h,kv,d,splits", [(True, 4, 2, 16, 1), (False, 4, 4, 16, 1), (True, 3, 1, 12, 1),
-                                                (True, 4, 2, 16, 3), (False, 2, 1, 16, 2)])
-def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, splits):
+@pytest.mark.parametrize("lora,h,kv,d,splits,config", [
+    (True, 4, 2, 16, 1, None), (False, 4, 4, 16, 1, None), (True, 3, 1, 12, 1, None), (True, 4, 2, 16, 3, None),
+    (False, 2, 1, 16, 2, None),
+    (True, 3, 1, 12, 2, (4, 1)),  # a head over programs of 4 rotation pairs (6 pairs: the second one half full)
+    (True, 4, 2, 16, 1, (2, 2)),
+])
+def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, splits, config):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(0)
     b, length, r = 3, 9, 6
@@ -43,7 +47,10 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, spli
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref = mod.qkv_rope_cache_reference(y, xa, bt, cos, sin, pos, kc_ref, vc_ref, h, kv, d)
     with force_triton():
-        got = mod.qkv_rope_cache(y, xa, bt, cos, sin, pos, kc, vc, h, kv, d)
+        if config is None:
+            got = mod.qkv_rope_cache(y, xa, bt, cos, sin, pos, kc, vc, h, kv, d)
+        else:
+            got = mod._launch_qkv(y, xa, bt, [0, 0, 0], cos, sin, pos, kc, vc, h, kv, d, config=config)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(kc.float(), kc_ref.float(), atol=atol, rtol=rtol)
@@ -62,8 +69,9 @@ def test_qkv_rope_cache_matches_rope_and_cache_write(dtype, lora, h, kv, d, spli
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("lora,splits", [(True, 1), (False, 1), (True, 4)])
-def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits):
+@pytest.mark.parametrize("lora,splits,config", [(True, 1, None), (False, 1, None), (True, 4, None),
+                                               (True, 4, (256, 4)), (False, 2, (1024, 4))])  # the configs before
+def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits, config):
     mod = kernel_module("decode_epilogue")
     g = torch.Generator().manual_seed(1)
     b, inter, r = 2, 1500, 5  # inter past one 1024 block
@@ -73,7 +81,10 @@ def test_lora_act_mul_matches_gated_mlp(dtype, act, lora, splits):
     code = mod.ACTIVATIONS[act]
     ref = mod.lora_act_mul_reference(y, xa, bt, inter, code, dtype)
     with force_triton():
-        got = mod.lora_act_mul(y, xa, bt, inter, code, dtype)
+        if config is None:
+            got = mod.lora_act_mul(y, xa, bt, inter, code, dtype)
+        else:
+            got = mod._launch_act(y, xa, bt, [0, 0], inter, code, dtype, config=config)
     assert got.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
@@ -112,6 +123,57 @@ def test_lora_residual_norm_matches_hf_rmsnorm(dtype, gemma, lora, splits):
         torch.testing.assert_close(ref.float(), norm(expect_s).float(), atol=atol, rtol=rtol)
 
 
+def _norm_case(g, b, hidden, r, dtype, splits, lora, offset=0):
+    """Inputs of lora_residual_norm: x, y, xa, the lora argument and a weight. offset: the adapter's first rank in
+    xa (compact adapters; the ranks before it belong to another slice)."""
+    x, y_full = _draw(g, b, hidden, dtype=dtype), _projection_output(g, b, hidden, offset + r, dtype, splits)
+    y, xa = y_full[..., :hidden], (y_full[..., hidden:] if lora else None)
+    bt = _draw(g, r, hidden, dtype=dtype, scale=0.1) if lora else None
+    arg = (bt, [offset]) if lora and offset else bt
+    return x, y, xa, arg, _draw(g, hidden, dtype=dtype, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,block,rows,splits,lora,offset,gemma", [
+    (300, None, 3, 1, True, 0, False),  # the default config: 3 programs a row, the last one 44 columns wide
+    (1000, None, 1, 4, True, 5, True),
+    (256, None, 2, 2, False, 0, False),  # whole blocks only
+    (130, 32, 4, 3, True, 0, True),
+    (96, 32, 1, 1, False, 0, True),
+    (200, 64, 2, 1, True, 2, False),
+])
+def test_residual_norm_over_several_programs_a_row(dtype, hidden, block, rows, splits, lora, offset, gemma):
+    """A row split over programs (the last to finish normalises it) gives the reference's residual sum and norm,
+    twice in a row: each launch leaves the row counters at 0 for the next (else the second launch writes no norm)."""
+    mod = kernel_module("decode_epilogue")
+    g = torch.Generator().manual_seed(5)
+    atol, rtol = TOL[dtype]
+    for _ in range(2):
+        x, y, xa, lora_arg, w = _norm_case(g, rows, hidden, 4, dtype, splits, lora, offset)
+        ref_s, ref = mod.lora_residual_norm_reference(x, y, xa, lora_arg, w, 1e-5, gemma)
+        with force_triton():
+            if block is None:
+                assert -(-hidden // mod.NORM_CONFIG[0]) > 1  # the default config does split these rows
+                s, out = mod.lora_residual_norm(x, y, xa, lora_arg, w, 1e-5, gemma)
+            else:
+                bt, offsets = mod._adapter_parts(lora_arg, 1)
+                s, out = mod._launch_norm(x, y, xa, bt, offsets, w, 1e-5, gemma, config=(block, 1))
+        torch.testing.assert_close(s.float(), ref_s.float(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+        assert not mod.row_counters(x.device, rows).any()
+
+
+def test_row_counters_not_allocated_inside_a_graph_capture(monkeypatch):
+    """A first split residual norm inside a CUDA graph capture cannot allocate its counters: the error says to
+    run the step eagerly first or reserve them."""
+    from fastlm.errors import UnsupportedFeatureError
+
+    mod = kernel_module("decode_epilogue")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(UnsupportedFeatureError, match=r"row_counters\(device, rows\) first"):
+        mod.row_counters(torch.device("cuda", 0), 10 ** 6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k", [(1, 50, 96), (3, 33, 130), (2, 64, 64)])
 def test_split_k_gemv_partials_sum_to_the_product(dtype, rows, n, k):
@@ -144,3 +206,50 @@ def test_compact_adapters_read_each_slice_own_ranks():
         got = mod.lora_act_mul(y, xa, compact, inter, mod.SILU)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mod.lora_act_mul_reference(y, xa, compact, inter, mod.SILU), expect)
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    kernel_module("decode_epilogue")
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_epilogue_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_epilogue_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_bench_cases_run_here():
+    """scripts/gpu_epilogue_bench.py's cases at a tiny model's shapes: its frozen kernels from before and the
+    current ones (default and multi-program configs) match the references, so a GPU run fails only on the GPU."""
+    bench = _bench_script()
+    dims = dict(hidden=96, inter=80, heads=2, kv=1, head_dim=16)
+    split = {"norm": (32, 1), "act": (32, 1), "qkv": (4, 1)}  # rows over 3 programs, heads over 2
+    for op in ("norm", "act", "qkv"):
+        for lora, splits in ((None, 1), ("compact", 4), ("blockdiag", 2)):
+            new, old, ref, _ = bench.make_case(op, dims, lora, splits, 2, DEVICE, dtype=torch.float16)
+            with force_triton():
+                for got in (new(), new(split[op]), old()):
+                    assert bench.max_error(got, ref) <= bench.tolerance(ref), (op, lora)
+
+
+def test_gpu_bench_flow_reports_per_token_time(monkeypatch, capsys):
+    """The bench's whole flow at tiny shapes with a stand-in timer (old 2 us, new 1 us a launch, configs 0.5 us
+    and up): every case checked, the sweep ranked, the table printed, the 1B per-token sums right."""
+    bench = _bench_script()
+    monkeypatch.setattr(bench, "MODELS", {"1B": dict(hidden=160, inter=40, heads=2, kv=1, head_dim=8),
+                                          "8B": dict(hidden=64, inter=24, heads=2, kv=2, head_dim=8)})
+    monkeypatch.setattr(bench, "RACE_RUNS", 2)
+    monkeypatch.setattr(bench, "SWEEP", {"norm": [(64, 1), (32, 2)], "act": [(16, 1)], "qkv": [(2, 1), (4, 1)]})
+
+    def timer(op, dims, lora, splits, rows, device, configs):
+        return {"old": (2.0, 1.5), "new": (1.0, 0.8), **{c: (0.5 + c[0] / 1000, float("nan")) for c in configs}}
+
+    with force_triton():
+        payload = bench.run(["1B", "8B"], DEVICE, True, dtype=torch.float16, timer=timer)
+    assert payload["ok"] and payload["counters_zero"]
+    # 32 norms, 16 activations, 16 qkv; the best configs: norm (32, 2) 0.532, act (16, 1) 0.516, qkv (2, 1) 0.502
+    assert payload["per_token_1b_us"] == {"old": 128.0, "new": 64.0, "best": 33.3}
+    assert payload["sweeps"]["norm/1B"] == {"(32, 2)": 0.532, "(64, 1)": 0.564}
+    assert len(payload["summary"]) == 6 and capsys.readouterr().out.rstrip().splitlines()[-1].startswith("1B per token")
