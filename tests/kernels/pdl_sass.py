@@ -56,15 +56,24 @@ def _ptrs(names: str, ty: str) -> dict:
 
 def cases():
     """(name, kernel, types, constexprs, num_warps, facts to report) for each kernel of the decode step."""
-    from fastlm.kernels import decode_gemv
+    from fastlm.kernels import decode_attention, decode_gemv
 
     gemv_types = {**_ptrs("x_ptr w_ptr", "*bf16"), "out_ptr": "*fp32",
                   **_ptrs("N K stride_x stride_w stride_os stride_or", "i32")}
+    split_types = {**_ptrs("q_ptr k_ptr v_ptr", "*bf16"), "pos_ptr": "*i64", **_ptrs("m_ptr l_ptr acc_ptr", "*fp32"),
+                   **_ptrs("stride_pos stride_qb stride_qh stride_kb stride_kh stride_kl L CHUNK SPLITS window",
+                           "i32"), "scaling": "fp32", "softcap": "fp32"}
+    combine_types = {**_ptrs("m_ptr l_ptr acc_ptr", "*fp32"), "out_ptr": "*bf16", "SPLITS": "i32"}
     for pdl in (0, 1, 2):
         yield ("gemv", decode_gemv._gemv_partials_kernel, gemv_types,
                dict(BLOCK_N=16, BLOCK_K=512, STEPS=2, USE_PDL=pdl), 4)
     yield ("gemv_steps4", decode_gemv._gemv_partials_kernel, gemv_types,
            dict(BLOCK_N=16, BLOCK_K=256, STEPS=4, USE_PDL=1), 4)
+    yield ("attention_split", decode_attention._decode_attention_split_kernel, split_types,
+           dict(G=4, BLOCK_G=16, D=64, BLOCK_D=64, BLOCK_L=32, HAS_SOFTCAP=False, HAS_WINDOW=False, USE_DOT=True,
+                DOT_PRECISION="tf32", USE_PDL=1), 4)
+    yield ("attention_combine", decode_attention._decode_attention_combine_kernel, combine_types,
+           dict(D=64, BLOCK_D=64, BLOCK_SPLITS=16, BLOCK_S=16, USE_PDL=1), 4)
 
 
 def main() -> int:

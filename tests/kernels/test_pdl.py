@@ -118,6 +118,12 @@ def test_gemvs_load_exactly_their_weight_tile_before_the_wait(kernel, tile_bytes
     assert facts["stores"] == 0
 
 
+@pytest.mark.parametrize("kernel", ["attention_split", "attention_combine"])
+def test_attention_kernels_wait_before_any_memory_access(kernel):
+    facts = _sass_facts()[(kernel, 1)]
+    assert facts["wait"] and facts["trigger"] and facts["load_bytes"] == 0 and facts["stores"] == 0
+
+
 def test_pdl_modes_compile_to_what_they_say():
     """USE_PDL 0: no griddepcontrol at all (the kernel as before); 2: the wait without the trigger."""
     sass = _sass_facts()
