@@ -56,7 +56,7 @@ def _ptrs(names: str, ty: str) -> dict:
 
 def cases():
     """(name, kernel, types, constexprs, num_warps, facts to report) for each kernel of the decode step."""
-    from fastlm.kernels import decode_attention, decode_gemv
+    from fastlm.kernels import decode_attention, decode_gemv, decode_nf4, decode_nf4_prmt
 
     gemv_types = {**_ptrs("x_ptr w_ptr", "*bf16"), "out_ptr": "*fp32",
                   **_ptrs("N K stride_x stride_w stride_os stride_or", "i32")}
@@ -64,6 +64,12 @@ def cases():
                    **_ptrs("stride_pos stride_qb stride_qh stride_kb stride_kh stride_kl L CHUNK SPLITS window",
                            "i32"), "scaling": "fp32", "softcap": "fp32"}
     combine_types = {**_ptrs("m_ptr l_ptr acc_ptr", "*fp32"), "out_ptr": "*bf16", "SPLITS": "i32"}
+    prmt_types = {"x_ptr": "*i32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "regs_ptr": "*i32", "y_ptr": "*bf16",
+                  **_ptrs("M N K words_per_row n_scales", "i32")}
+    word_types = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": "*bf16",
+                  **_ptrs("N K", "i32")}
+    prmt_const = dict(BLOCKSIZE=64, BLOCK_N=4, BLOCK_W=128, PREFETCH=True, F16=False, USE_ASM=True, EVEN=True,
+                      IDX32=True)
     for pdl in (0, 1, 2):
         yield ("gemv", decode_gemv._gemv_partials_kernel, gemv_types,
                dict(BLOCK_N=16, BLOCK_K=512, STEPS=2, USE_PDL=pdl), 4)
@@ -74,6 +80,12 @@ def cases():
                 DOT_PRECISION="tf32", USE_PDL=1), 4)
     yield ("attention_combine", decode_attention._decode_attention_combine_kernel, combine_types,
            dict(D=64, BLOCK_D=64, BLOCK_SPLITS=16, BLOCK_S=16, USE_PDL=1), 4)
+    yield ("nf4_prmt", decode_nf4_prmt._nf4_gemv_prmt_kernel, prmt_types,
+           dict(prmt_const, X_DIRECT=True, X_IN_ASM=True, SCALE_IN_ASM=True, USE_PDL=1), 4)
+    yield ("nf4_prmt_rows", decode_nf4_prmt._nf4_gemv_prmt_rows_kernel, prmt_types,
+           dict(prmt_const, ROWS=2, USE_PDL=1), 4)
+    yield ("nf4_word", decode_nf4._nf4_gemv_word_kernel, word_types,
+           dict(BLOCKSIZE=64, BLOCK_N=4, BLOCK_W=64, PREFETCH=True, USE_PDL=1), 4)
 
 
 def main() -> int:
