@@ -14,7 +14,8 @@ Parts (each reports its own failure and the run goes on):
            decode layer as it launches today (GEMV, qkv_rope_cache, attention split + combine, GEMV, residual norm,
            GEMV, act, GEMV, residual norm; the epilogue kernels without PDL yet), "pdl-only" the same without the
            epilogues (GEMV -> attention -> GEMV -> GEMV -> GEMV: what every boundary gains once all kernels wait);
-           the layer chain's output checked against the torch references, on equal to off;
+           the layer chain's output checked against the torch references, on equal to off; each chain is also timed
+           with PDL but no early trigger (_triton.PDL_TRIGGER = False: the next kernel launches as programs exit);
   engine   the real engine built twice on random-weight Llama-3.2-1B with a rank-16 LoRA (PDL on, then off), the
            decode step's CUDA-graph replay timed on both, and the logits of 16 teacher-forced greedy steps compared
            (the same kernels: they should be equal);
@@ -69,7 +70,7 @@ def run_part(name, fn, *args):
         fn(*args)
     except Exception as exc:  # noqa: BLE001 - every part reports its own failure and the run goes on
         traceback.print_exc()
-        RESULT["failures"][name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+        RESULT["failures"][name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         ROWS.append((name, "FAILED", "", "", RESULT["failures"][name][:80]))
     RESULT.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
     print(f"[{name}] {time.perf_counter() - start:.1f} s", flush=True)
@@ -232,15 +233,39 @@ def _pdl_only_layer(t, q, x_in, x_down):
     return outs + [_proj(t, "o", a.reshape(1, -1)), _proj(t, "gate_up", x_in), _proj(t, "down", x_down)]
 
 
-def _capture(fn, on: bool):
-    with pdl(on):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-    return graph, out
+MODES = {"off": (False, True), "on": (True, True), "on_no_trigger": (True, False)}  # (PDL, PDL_TRIGGER)
+
+
+def _graphs_by_mode(fn, reps: int = 50, rounds: int = 3):
+    """fn captured in a CUDA graph under each of MODES (PDL off; on with the trigger after the wait; on without
+    it), each replayed once: ({mode: fn's output}, {mode: best ms per replay over `rounds` alternations})."""
+    graphs, outs = {}, {}
+    for mode, (on, trigger) in MODES.items():
+        old = _triton.PDL_TRIGGER
+        _triton.PDL_TRIGGER = trigger
+        try:
+            with pdl(on):
+                for _ in range(2):
+                    fn()
+                torch.cuda.synchronize()
+                graphs[mode] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[mode]):
+                    outs[mode] = fn()
+        finally:
+            _triton.PDL_TRIGGER = old
+    for graph in graphs.values():
+        graph.replay()
+    torch.cuda.synchronize()
+    times = {mode: min(graph_replay_ms(graphs[mode], reps) for _ in range(rounds)) for mode in MODES}
+    return outs, times
+
+
+def _chain_row(name, times, check, per_ms=None):
+    t_off, t_on, t_nt = times["off"], times["on"], times["on_no_trigger"]
+    rate = (lambda t: f" {per_ms / t / 1e9:.2f} TB/s") if per_ms else (lambda t: "")
+    ROWS.append(("chains", name, f"{t_off * 1e3:.0f} us{rate(t_off)}", f"{t_on * 1e3:.0f} us{rate(t_on)}",
+                 f"{check}; gain {(1 - t_on / t_off) * 100:.1f}% (no trigger: {t_nt * 1e3:.0f} us, "
+                 f"{(1 - t_nt / t_off) * 100:.1f}%)"))
 
 
 def part_chains(layers: int = 16):
@@ -261,21 +286,12 @@ def part_chains(layers: int = 16):
     for _ in range(layers):
         ref_x, ref_h = _layer(t, ref_x, ref_h, reference=True)
     ref = torch.cat([ref_x, ref_h])
-    g_off, o_off = _capture(chain, False)
-    g_on, o_on = _capture(chain, True)
-    g_off.replay()
-    g_on.replay()
-    torch.cuda.synchronize()
-    err, same = rel_err(o_on, ref), torch.equal(o_on, o_off)
-    times = {False: [], True: []}
-    for _ in range(3):
-        times[False].append(graph_replay_ms(g_off, 50))
-        times[True].append(graph_replay_ms(g_on, 50))
-    t_off, t_on = min(times[False]), min(times[True])
-    out["layer"] = dict(ms_off=t_off, ms_on=t_on, rel_err_vs_reference=err, on_equals_off=same)
+    outs, times = _graphs_by_mode(chain)
+    err = rel_err(outs["on"], ref)
+    same = all(torch.equal(outs[mode], outs["off"]) for mode in MODES)
+    out["layer"] = dict(ms=times, rel_err_vs_reference=err, on_equals_off=same)
     ok = err < 5e-2 and same
-    ROWS.append(("chains", f"{layers} x layer (epilogues w/o PDL)", f"{t_off * 1e3:.0f} us", f"{t_on * 1e3:.0f} us",
-                 f"{'ok' if ok else 'WRONG'} err {err:.1e} vs torch; gain {(1 - t_on / t_off) * 100:.1f}%"))
+    _chain_row(f"{layers} x layer (epilogues w/o PDL)", times, f"{'ok' if ok else 'WRONG'} err {err:.1e} vs torch")
     if not ok:
         RESULT["failures"]["chain_layer"] = f"rel_err {err:.2e}, on == off: {same}"
 
@@ -286,23 +302,11 @@ def part_chains(layers: int = 16):
     def pdl_chain():
         return [o for _ in range(layers) for o in _pdl_only_layer(t, q, x_in, x_down)]
 
-    g_off, o_off = _capture(pdl_chain, False)
-    g_on, o_on = _capture(pdl_chain, True)
-    g_off.replay()
-    g_on.replay()
-    torch.cuda.synchronize()
-    same = all(torch.equal(a, b) for a, b in zip(o_on, o_off))
-    times = {False: [], True: []}
-    for _ in range(3):
-        times[False].append(graph_replay_ms(g_off, 50))
-        times[True].append(graph_replay_ms(g_on, 50))
-    t_off, t_on = min(times[False]), min(times[True])
+    outs, times = _graphs_by_mode(pdl_chain)
+    same = all(torch.equal(a, b) for mode in MODES for a, b in zip(outs[mode], outs["off"]))
     weights = sum(w.numel() * 2 for w in t["ws"].values()) * layers
-    out["pdl_only"] = dict(ms_off=t_off, ms_on=t_on, on_equals_off=same, weight_bytes=weights)
-    ROWS.append(("chains", f"{layers} x GEMV-attn-GEMV-GEMV-GEMV",
-                 f"{t_off * 1e3:.0f} us {weights / t_off / 1e9:.2f} TB/s",
-                 f"{t_on * 1e3:.0f} us {weights / t_on / 1e9:.2f} TB/s",
-                 f"{'ok' if same else 'WRONG'} on==off; gain {(1 - t_on / t_off) * 100:.1f}%"))
+    out["pdl_only"] = dict(ms=times, on_equals_off=same, weight_bytes=weights)
+    _chain_row(f"{layers} x GEMV-attn-GEMV-GEMV-GEMV", times, f"{'ok' if same else 'WRONG'} on==off", weights)
     if not same:
         RESULT["failures"]["chain_pdl_only"] = "outputs with PDL on differ from off"
 
