@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import MissingDependencyError, UnsupportedFeatureError
+from ..errors import ConfigError, MissingDependencyError, Problem, UnsupportedFeatureError
 
 try:  # pragma: no cover - exercised by whichever branch the machine has
     import triton
@@ -82,6 +82,62 @@ def device_guard(t: torch.Tensor):
     """Make t's GPU the current device for a launch (Triton launches on the current device; with a model split over
     GPUs, a layer's tensors may live on another one)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- programmatic dependent launch (Hopper and later)
+# A kernel launched with PDL may start while the previous kernel in the stream is still finishing: it does the work
+# that depends on no other kernel first (a GEMV issues its weight loads), then `pdl_wait` (griddepcontrol.wait:
+# blocks until the previous kernel has completed and its writes are visible) before it reads anything another kernel
+# writes (activations, partial sums, the KV cache, positions, tables computed in the step) and before its first
+# store (its output buffer may be memory the previous kernel still reads). Every program of such a kernel reaches
+# pdl_wait (none returns early), so completion stays transitive down a chain of them. With PDL_TRIGGER, pdl_wait
+# also signals the next kernel that it may launch (griddepcontrol.launch_dependents); otherwise the next kernel
+# launches as this one's programs exit. Because the trigger comes after the wait, by the time the next kernel starts
+# everything but the immediately preceding kernel has completed. CUDA-graph capture keeps these edges.
+PDL = True  # module switch, read at every launch; FASTLM_PDL=0 in the environment turns PDL off too
+PDL_TRIGGER = True
+_PDL_ON, _PDL_OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def _pdl_env() -> bool:
+    value = os.environ.get("FASTLM_PDL", "")
+    if value.strip().lower() in _PDL_ON:
+        return True
+    if value.strip().lower() in _PDL_OFF:
+        return False
+    raise ConfigError("fastlm kernels", [Problem(
+        "FASTLM_PDL", value, "one of 1/true/on/yes (the default: programmatic dependent launch on Hopper and later "
+        "GPUs) or 0/false/off/no", "unset FASTLM_PDL, or set FASTLM_PDL=0 to launch every kernel without PDL")])
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The USE_PDL constexpr of a launch on `device`: 0 without PDL (off by `PDL` or FASTLM_PDL=0, CPU tensors, the
+    interpreter, GPUs before compute capability 9.0), 1 with PDL and the early trigger, 2 with PDL and no trigger."""
+    if not PDL or not HAS_TRITON or device.type != "cuda" or interpreter_on() or not _pdl_env():
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _capability(index) < (9, 0):
+        return 0
+    return 1 if PDL_TRIGGER else 2
+
+
+def pdl_launch(mode: int) -> dict:
+    """The launch keywords of a kernel whose USE_PDL is `mode` (from pdl_mode)."""
+    return {"launch_pdl": True} if mode else {}
+
+
+@jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """griddepcontrol.wait (then launch_dependents where USE_PDL is 1); nothing where USE_PDL is 0."""
+    if USE_PDL != 0:
+        tl.extra.cuda.gdc_wait()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 def next_pow2(n: int) -> int:

@@ -21,6 +21,10 @@ products and sums in fp32 on CUDA cores. scripts/gpu_attention_check.py times bo
 
 The positions are read on the device only: CHUNK and the number of splits depend on the cache length and the
 window (host constants), so one launch can be captured in a CUDA graph and replayed at any position.
+
+On Hopper both kernels are launched with programmatic dependent launch (kernels/_triton.py `pdl_mode`): each may
+be scheduled while the kernel before it finishes, and waits for it before its first load (everything they read is
+written by earlier kernels of the step), so what overlaps is the launch and the scheduling of the programs.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import sys
 
 import torch
 
-from ._triton import jit, next_pow2, register_opaque_op, tl, use_triton
+from ._triton import jit, next_pow2, pdl_launch, pdl_mode, pdl_wait, register_opaque_op, tl, use_triton
 
 # Split plan (see `split_plan`): chunks of 32 keys while the span a query can see is at most SMALL_SPAN keys, else
 # 64, and at most MAX_SPLITS splits (longer spans get longer chunks, walked in BLOCK_L steps).
@@ -90,7 +94,9 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
                                    window,
                                    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                                    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                                   HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                   HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                   USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)  # q, the cache and the positions are written by earlier kernels: nothing is read before
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -149,7 +155,8 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, a
 
 @jit
 def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                     BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                                     BLOCK_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)  # the partials are the split kernel's
     # the live splits are those with m > -inf (an empty one wrote -inf and no acc): no position to read first, and
     # acc is loaded along with m (an empty split's stale acc is dropped by the where, NaN included)
     b = tl.program_id(0)
@@ -238,15 +245,16 @@ def _launch(q, k_cache, v_cache, positions, scaling, softcap, window, chunk: int
     l_sum = torch.empty_like(m)
     acc = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
+    pdl = pdl_mode(q.device)
     _decode_attention_split_kernel[(b, kv, splits)](
         q, k_cache, v_cache, positions, m, l_sum, acc, positions.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), length, chunk, splits, float(scaling),
         float(softcap or 1.0), int(window or 0), G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_L=block_l,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, USE_DOT=use_dot,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=8 if use_dot and block_d >= 256 else 4)
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", USE_PDL=pdl,
+        num_warps=8 if use_dot and block_d >= 256 else 4, **pdl_launch(pdl))
     block_splits = next_pow2(splits)
     _decode_attention_combine_kernel[(b, h)](
         m, l_sum, acc, out, splits, D=d, BLOCK_D=block_d, BLOCK_SPLITS=block_splits,
-        BLOCK_S=max(1, min(block_splits, 4096 // block_d)), num_warps=4)
+        BLOCK_S=max(1, min(block_splits, 4096 // block_d)), USE_PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return out

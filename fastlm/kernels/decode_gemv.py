@@ -9,6 +9,10 @@ grid is N/BLOCK_N x S programs; the S partial sums are not reduced here but by t
 the output anyway (kernels/decode_epilogue.py: every input y there is [S, M, N]). The config is timed per shape on
 the device against cuBLAS (`gemv_config`); None means cuBLAS was faster (the caller then uses F.linear, S = 1).
 `gemv_reference` is the same in torch.
+
+On Hopper the kernel is launched with programmatic dependent launch (kernels/_triton.py `pdl_mode`): a program
+issues its weight loads, then waits for the previous kernel (which wrote x) before it reads x or stores, so the
+weights stream in while the previous kernel drains. The tuner times the configs launched that way.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import sys
 
 import torch
 
-from ._triton import HAS_TRITON, interpreter_on, jit, launches_ms, register_opaque_op, tl
+from ._triton import (HAS_TRITON, interpreter_on, jit, launches_ms, next_pow2, pdl_launch, pdl_mode, pdl_wait,
+                      register_opaque_op, tl)
 
 MAX_SPLITS = 16  # partial sums the consumers add (their loads of y are unrolled over S)
 # (BLOCK_N, BLOCK_K, STEPS, num_warps): a program reads BLOCK_N x BLOCK_K * STEPS weights (16-64 KB)
@@ -31,21 +36,47 @@ def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @jit
+def _w_tile(w_ptr, n, n_ok, stride_w, k0, K, BLOCK_K: tl.constexpr):
+    """W[n, k0:k0 + BLOCK_K] (zeros past N and K)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
+                   other=0.0)
+
+
+@jit
+def _tile_dot(w, x_ptr, k0, K, BLOCK_K: tl.constexpr):
+    """The fp32 dot of each row of the weight tile w with x[k0:k0 + BLOCK_K]: [BLOCK_N]."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    xv = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+
+
+@jit
 def _gemv_partials_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_x, stride_w, stride_os, stride_or,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEPS: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEPS: tl.constexpr, USE_PDL: tl.constexpr):
+    # the program's STEPS weight tiles are loaded first, then pdl_wait (with PDL, the weights - which no kernel
+    # writes - stream in while the previous kernel finishes), then x and the sums; without PDL the same code
+    tl.static_assert(STEPS == 1 or STEPS == 2 or STEPS == 4, "STEPS must be 1, 2 or 4")
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for step in tl.static_range(STEPS):
-        k = (split * STEPS + step) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        xv = tl.load(x_ptr + row * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+    k0 = split * STEPS * BLOCK_K
+    w0 = _w_tile(w_ptr, n, n_ok, stride_w, k0, K, BLOCK_K)
+    if STEPS >= 2:
+        w1 = _w_tile(w_ptr, n, n_ok, stride_w, k0 + BLOCK_K, K, BLOCK_K)
+    if STEPS == 4:
+        w2 = _w_tile(w_ptr, n, n_ok, stride_w, k0 + 2 * BLOCK_K, K, BLOCK_K)
+        w3 = _w_tile(w_ptr, n, n_ok, stride_w, k0 + 3 * BLOCK_K, K, BLOCK_K)
+    pdl_wait(USE_PDL)
+    x_row = x_ptr + row * stride_x
+    acc = _tile_dot(w0, x_row, k0, K, BLOCK_K)
+    if STEPS >= 2:
+        acc += _tile_dot(w1, x_row, k0 + BLOCK_K, K, BLOCK_K)
+    if STEPS == 4:
+        acc += _tile_dot(w2, x_row, k0 + 2 * BLOCK_K, K, BLOCK_K)
+        acc += _tile_dot(w3, x_row, k0 + 3 * BLOCK_K, K, BLOCK_K)
     tl.store(out_ptr + split * stride_os + row * stride_or + n, acc, mask=n_ok)
 
 
@@ -56,9 +87,10 @@ def splits(k: int, cfg: tuple) -> int:
 def _launch(x, w, out, cfg):
     bn, bk, steps, warps = cfg
     n, k = w.shape
+    pdl = pdl_mode(w.device)
     _gemv_partials_kernel[(-(-n // bn), out.shape[0], x.shape[0])](
         x, w, out, n, k, x.stride(0), w.stride(0), out.stride(0), out.stride(1), BLOCK_N=bn, BLOCK_K=bk,
-        STEPS=steps, num_warps=warps)
+        STEPS=steps, USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl))
 
 
 def _fits(w: torch.Tensor) -> bool:
@@ -73,7 +105,8 @@ def gemv_config(w: torch.Tensor, rows: int = 1, max_splits: int = MAX_SPLITS) ->
     if not HAS_TRITON or not _fits(w):
         return None
     if interpreter_on():  # K of a tiny test model spans several splits of 32
-        return (16, 32, max(1, -(-w.shape[1] // (32 * max_splits))), 1)
+        steps = next_pow2(-(-w.shape[1] // (32 * max_splits)))
+        return (16, 32 * max(1, steps // 4), min(4, steps), 1)
     if w.device.type != "cuda":
         return None
     n, k = w.shape
@@ -121,4 +154,8 @@ if HAS_TRITON:
 
 def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: tuple) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T as [S, M, N] fp32 partial sums (see the module docstring); config from gemv_config."""
+    if (len(config) != 4 or config[2] not in (1, 2, 4) or any(int(c) != c or c < 1 for c in config)
+            or next_pow2(config[0]) != config[0] or next_pow2(config[1]) != config[1]):
+        raise ValueError(f"gemv_partials config {config!r}: expected (BLOCK_N, BLOCK_K, STEPS, num_warps) with "
+                         "BLOCK_N and BLOCK_K powers of two and STEPS 1, 2 or 4; get one from gemv_config()")
     return torch.ops.fastlm.gemv_partials(x, w, *config)

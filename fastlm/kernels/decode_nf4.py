@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from ._triton import interpreter_on, launches_ms, register_opaque_op
+from ._triton import interpreter_on, launches_ms, pdl_launch, pdl_mode, pdl_wait, register_opaque_op
 from .decode_nf4_prmt import PRMT_VARIANTS, launch_prmt
 
 logger = logging.getLogger(__name__)
@@ -72,12 +72,13 @@ def nf4_gemv_reference(x, packed, absmax, code, n, k, blocksize) -> torch.Tensor
 if triton is not None:
     @triton.jit
     def _nf4_gemv_word_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, y_ptr, N, K, BLOCKSIZE: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
+                              USE_PDL: tl.constexpr):
         # the packed bytes read as int32 words (8 weights each, wide loads); each 4-bit code is looked up in the
         # 16-entry float32 table: 64 bytes, so every lookup of a warp hits distinct L1 banks or broadcasts (the
         # 256-entry table of byte pairs it replaced conflicts). One scale per word, gathered (a word never
         # straddles a block). PREFETCH loads the next step's words before decoding this step's (twice the bytes
-        # in flight per warp).
+        # in flight per warp). With PDL the prefetched words are loaded before pdl_wait, everything else after.
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,6 +92,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if PREFETCH:
             nxt = _words(w_ptr, row_words, row_ok, 0, words_per_row, BLOCK_W)
+        pdl_wait(USE_PDL)
         for w0 in range(0, words_per_row, BLOCK_W):
             if PREFETCH:
                 word = nxt
@@ -152,9 +154,11 @@ def _launch(x, packed, absmax, code, y, n, k, blocksize, cfg):
         launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, prefetch, variant,
                     use_asm=not interpreter_on())
         return
+    pdl = pdl_mode(packed.device)
     _nf4_gemv_word_kernel[(triton.cdiv(n, bn), x.shape[0])](x, packed.view(torch.int32), absmax, code, y, n, k,
                                                             BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_W=bk // 8,
-                                                            PREFETCH=bool(prefetch), num_warps=warps)
+                                                            PREFETCH=bool(prefetch), USE_PDL=pdl, num_warps=warps,
+                                                            **pdl_launch(pdl))
 
 
 def _fits(k: int, blocksize: int, packed: torch.Tensor | None = None) -> bool:

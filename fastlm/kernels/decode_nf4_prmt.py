@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import pdl_launch, pdl_mode, pdl_wait
+
 try:
     import triton
     import triton.language as tl
@@ -439,15 +441,12 @@ if triton is not None:
         return word, nxt, wi, wi < words_per_row, _scale_index(row_words, wi, WPB, IDX32)
 
     @triton.jit
-    def _block_rows(pid_n, regs_ptr, N, words_per_row, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                    IDX32: tl.constexpr):
-        """A program's weight rows: (rows, rows < N, their first words' indices, int32 zeros [BLOCK_N, BLOCK_W],
-        the eight table registers)."""
+    def _block_rows(pid_n, N, words_per_row, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IDX32: tl.constexpr):
+        """A program's weight rows: (rows, rows < N, their first words' indices, int32 zeros [BLOCK_N, BLOCK_W])."""
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_words = _row_words(rows, words_per_row, IDX32)
         zero = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
-        l0, l1, l2, l3, h0, h1, h2, h3 = _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N, BLOCK_W)
-        return rows, rows < N, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3
+        return rows, rows < N, row_words, zero
 
     @triton.jit
     def _nf4_gemv_prmt_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, M, N, K, words_per_row, n_scales,
@@ -455,25 +454,28 @@ if triton is not None:
                               BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
                               F16: tl.constexpr, X_DIRECT: tl.constexpr, X_IN_ASM: tl.constexpr,
                               SCALE_IN_ASM: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr,
-                              IDX32: tl.constexpr):
+                              IDX32: tl.constexpr, USE_PDL: tl.constexpr):
         # the word kernel's loop (int32 words, one scale per word, optional prefetch of the next step's words) with
         # the table lookups replaced by _word_dot's register decode; the products summed per lane across the loop
         # and reduced across the block once at the end. words_per_row (K // 8) is an argument of its own so that
         # Triton's specialization sees it divisible by 16 (every real K) and reads rows with 16-byte loads.
         # EVEN: words_per_row % BLOCK_W == 0 (no word past a row's end); IDX32: word indices fit in int32.
         # one program per (block of weight rows, row of x), the x rows of a block adjacent: they read the same
-        # weights one after the other (from L2 after the first)
+        # weights one after the other (from L2 after the first). With PREFETCH the first step's words are loaded
+        # before pdl_wait (the packed weights are never written; x and the byte tables, which a CUDA graph may
+        # compute in the step, are read after it).
         pid = tl.program_id(0)
         pid_n = pid // M
         m = pid % M
         WPB: tl.constexpr = BLOCKSIZE // 8
-        rows, row_ok, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3 = _block_rows(
-            pid_n, regs_ptr, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
+        rows, row_ok, row_words, zero = _block_rows(pid_n, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
+        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
+        pdl_wait(USE_PDL)
+        l0, l1, l2, l3, h0, h1, h2, h3 = _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N, BLOCK_W)
         xrow = x_ptr + m * (K // 2) + zero  # X_IN_ASM: x in the compute type as int32 pairs
         arow = absmax_ptr + zero  # SCALE_IN_ASM
         last_scale = n_scales - 1
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
         for w0 in range(0, words_per_row, BLOCK_W):
             word, nxt, wi, w_ok, sidx = _step(w_ptr, row_words, row_ok, w0, words_per_row, nxt, BLOCK_W, WPB,
                                               PREFETCH, EVEN, IDX32)
@@ -511,17 +513,20 @@ if triton is not None:
     def _nf4_gemv_prmt_rows_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, y_ptr, M, N, K, words_per_row, n_scales,
                                    BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                                    PREFETCH: tl.constexpr, F16: tl.constexpr, ROWS: tl.constexpr,
-                                   USE_ASM: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr):
+                                   USE_ASM: tl.constexpr, EVEN: tl.constexpr, IDX32: tl.constexpr,
+                                   USE_PDL: tl.constexpr):
         # _nf4_gemv_prmt_kernel with x and the scale read in the asm, for ROWS (2 or 4) rows of x per program: each
         # word is read and decoded once for all of them. x (in the compute type, as int32 pairs) has a multiple of
-        # ROWS rows (the launcher pads it); rows of y past M are not stored.
+        # ROWS rows (the launcher pads it); rows of y past M are not stored. PDL as in _nf4_gemv_prmt_kernel.
         pid = tl.program_id(0)
         groups = tl.cdiv(M, ROWS)
         pid_n = pid // groups
         m0 = (pid % groups) * ROWS
         WPB: tl.constexpr = BLOCKSIZE // 8
-        rows, row_ok, row_words, zero, l0, l1, l2, l3, h0, h1, h2, h3 = _block_rows(
-            pid_n, regs_ptr, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
+        rows, row_ok, row_words, zero = _block_rows(pid_n, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
+        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
+        pdl_wait(USE_PDL)
+        l0, l1, l2, l3, h0, h1, h2, h3 = _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N, BLOCK_W)
         xpairs = K // 2
         xrow = x_ptr + m0 * xpairs + zero
         xstride = (K * 2).to(tl.int64) + tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int64)
@@ -532,7 +537,6 @@ if triton is not None:
         if ROWS == 4:
             acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             acc3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        nxt = _first_words(w_ptr, row_words, row_ok, words_per_row, zero, BLOCK_W, PREFETCH, EVEN)
         for w0 in range(0, words_per_row, BLOCK_W):
             word, nxt, wi, w_ok, sidx = _step(w_ptr, row_words, row_ok, w0, words_per_row, nxt, BLOCK_W, WPB,
                                               PREFETCH, EVEN, IDX32)
@@ -583,6 +587,7 @@ def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, pref
     regs = code_regs(code, f16)
     wpr = k // 8
     m = x.shape[0]
+    pdl = pdl_mode(packed.device)
     even, idx32 = wpr % (bk // 8) == 0, (triton.cdiv(n, bn) * bn + 1) * wpr < 2 ** 31
     if ROWS_KERNEL and scale_in_asm and m >= 2:
         rows = 2 if m == 2 else 4
@@ -591,9 +596,10 @@ def launch_prmt(x, packed, absmax, code, y, n, k, blocksize, bn, bk, warps, pref
         _nf4_gemv_prmt_rows_kernel[(triton.cdiv(n, bn) * triton.cdiv(m, rows),)](
             x.view(torch.int32), packed.view(torch.int32), absmax, regs, y, m, n, k, wpr, absmax.numel(),
             BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, ROWS=rows,
-            USE_ASM=use_asm, EVEN=even, IDX32=idx32, num_warps=warps)
+            USE_ASM=use_asm, EVEN=even, IDX32=idx32, USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl))
         return
     _nf4_gemv_prmt_kernel[(triton.cdiv(n, bn) * m,)](
         xin, packed.view(torch.int32), absmax, regs, y, m, n, k, wpr, absmax.numel(), BLOCKSIZE=blocksize, BLOCK_N=bn,
         BLOCK_W=bk // 8, PREFETCH=bool(prefetch), F16=f16, X_DIRECT=direct, X_IN_ASM=x_in_asm,
-        SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=even, IDX32=idx32, num_warps=warps)
+        SCALE_IN_ASM=scale_in_asm, USE_ASM=use_asm, EVEN=even, IDX32=idx32, USE_PDL=pdl, num_warps=warps,
+        **pdl_launch(pdl))
