@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..errors import UnsupportedFeatureError
-from ._triton import HAS_TRITON, jit, next_pow2, register_opaque_op, tl
+from ._triton import HAS_TRITON, jit, next_pow2, pdl_launch, pdl_mode, pdl_wait, register_opaque_op, tl
 from .reference import rotate_half
 
 SILU, GELU_TANH = 0, 2
@@ -179,20 +179,23 @@ def _qkv_store(lo, hi, i, ok, row, head, pos, q_ptr, kc_ptr, vc_ptr, stride_q, s
 def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, stride_ys,
                            stride_y, stride_xas, stride_xa, stride_bt, stride_cos, stride_q, stride_cb, stride_ch,
                            stride_cl, R, XQ, XK, XV, S, S_XA, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
-                           BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr):
+                           BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr,
+                           USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: q heads, then KV k heads, then KV v heads (y's column order)
     i = tl.program_id(2) * BLOCK_HALF + tl.arange(0, BLOCK_HALF)  # this program's part of each half of the head
     ok = i < HALF
-    pos = tl.load(pos_ptr + row).to(tl.int64)  # first: the cos/sin loads wait for it
     col = head * (2 * HALF) + i
+    if BLOCK_R > 1:  # the adapters' B^T, which no kernel writes: before the wait
+        bt_lo = _bt_tile(bt_ptr, col, ok, R, stride_bt, BLOCK_R)
+        bt_hi = _bt_tile(bt_ptr, col + HALF, ok, R, stride_bt, BLOCK_R)
+    pdl_wait(USE_PDL)
+    pos = tl.load(pos_ptr + row).to(tl.int64)  # first: the cos/sin loads wait for it
     lo = _partials(y_ptr + row * stride_y, col, ok, stride_ys, S, SP)
     hi = _partials(y_ptr + row * stride_y, col + HALF, ok, stride_ys, S, SP)
     if BLOCK_R > 1:
         xoff = tl.where(head < H, XQ, tl.where(head < H + KV, XK, XV))  # this slice's first rank in xa
         xa = _xa_tile(xa_ptr + row * stride_xa + xoff, stride_xas, S_XA, R, BLOCK_R, SP_XA)
-        bt_lo = _bt_tile(bt_ptr, col, ok, R, stride_bt, BLOCK_R)
-        bt_hi = _bt_tile(bt_ptr, col + HALF, ok, R, stride_bt, BLOCK_R)
     c_lo = tl.load(cos_ptr + pos * stride_cos + i, mask=ok, other=0.0).to(tl.float32)  # (v heads do not rotate)
     c_hi = tl.load(cos_ptr + pos * stride_cos + HALF + i, mask=ok, other=0.0).to(tl.float32)
     s_lo = tl.load(sin_ptr + pos * stride_cos + i, mask=ok, other=0.0).to(tl.float32)
@@ -214,18 +217,20 @@ def _qkv_rope_cache_kernel(y_ptr, xa_ptr, bt_ptr, cos_ptr, sin_ptr, pos_ptr, q_p
 @jit
 def _lora_act_mul_kernel(y_ptr, xa_ptr, bt_ptr, h_ptr, stride_ys, stride_y, stride_xas, stride_xa, stride_bt,
                          stride_h, R, INTER, XG, XU, S, S_XA, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                         BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr):
+                         BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < INTER
+    if BLOCK_R > 1:  # the adapters' B^T, which no kernel writes: before the wait
+        bt_g = _bt_tile(bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
+        bt_u = _bt_tile(bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R)
+    pdl_wait(USE_PDL)
     g = _partials(y_ptr + row * stride_y, cols, ok, stride_ys, S, SP)
     u = _partials(y_ptr + row * stride_y, INTER + cols, ok, stride_ys, S, SP)
     if BLOCK_R > 1:
         xa_row = xa_ptr + row * stride_xa
         xa_g = _xa_tile(xa_row + XG, stride_xas, S_XA, R, BLOCK_R, SP_XA)
         xa_u = _xa_tile(xa_row + XU, stride_xas, S_XA, R, BLOCK_R, SP_XA)
-        bt_g = _bt_tile(bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
-        bt_u = _bt_tile(bt_ptr, INTER + cols, ok, R, stride_bt, BLOCK_R)
     g = _total(g)
     u = _total(u)
     if BLOCK_R > 1:
@@ -260,19 +265,22 @@ def _rms_norm_store(s, w, cols, ok, out_ptr, HIDDEN, eps, GEMMA: tl.constexpr):
 def _lora_residual_norm_kernel(x_ptr, y_ptr, xa_ptr, bt_ptr, w_ptr, s_ptr, out_ptr, count_ptr, stride_x, stride_ys,
                                stride_y, stride_xas, stride_xa, stride_bt, stride_s, stride_out, R, XOFF, HIDDEN, eps,
                                S, S_XA, BLOCK: tl.constexpr, ROW_BLOCK: tl.constexpr, GEMMA: tl.constexpr,
-                               BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr, SPLIT: tl.constexpr):
+                               BLOCK_R: tl.constexpr, SP: tl.constexpr, SP_XA: tl.constexpr, SPLIT: tl.constexpr,
+                               USE_PDL: tl.constexpr):
     """Program (row, part) computes s for its BLOCK columns. SPLIT: the row spans several programs; each takes a
     ticket from the row's counter after storing its s, and the one that takes the last ticket reads the whole row
     of s back (L2), normalises it and resets the counter to 0 for the next launch."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < HIDDEN
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)  # the norm weight and the adapters' B^T, which no kernel writes,
+    if BLOCK_R > 1:  # before the wait
+        bt = _bt_tile(bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
+    pdl_wait(USE_PDL)
     a = _partials(y_ptr + row * stride_y, cols, ok, stride_ys, S, SP)
     if BLOCK_R > 1:
         xa = _xa_tile(xa_ptr + row * stride_xa + XOFF, stride_xas, S_XA, R, BLOCK_R, SP_XA)
-        bt = _bt_tile(bt_ptr, cols, ok, R, stride_bt, BLOCK_R)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     a = _total(a)
     if BLOCK_R > 1:
         a += _adapter_term(xa, bt)
@@ -329,7 +337,8 @@ def _launch_qkv(y, xa, lora_bt, xa_offsets, cos, sin, pos, k_cache, v_cache, n_h
     _qkv_rope_cache_kernel[(b, n_heads + 2 * n_kv, -(-half // block_half))](
         y, xa_, bt, cos, sin, pos, q, k_cache, v_cache, sys_, syr, sxs, sxr, sbt, cos.stride(0), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r, *xa_offsets[:3], s, s_xa, H=n_heads, KV=n_kv,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_R=block_r, SP=next_pow2(s), SP_XA=next_pow2(s_xa), num_warps=warps)
+        HALF=half, BLOCK_HALF=block_half, BLOCK_R=block_r, SP=next_pow2(s), SP_XA=next_pow2(s_xa), num_warps=warps,
+        USE_PDL=pdl_mode(y.device), **pdl_launch(pdl_mode(y.device)))
     return q
 
 
@@ -343,7 +352,8 @@ def _launch_act(y, xa, lora_bt, xa_offsets, inter, act, dtype, config=None):
     block = min(next_pow2(block), next_pow2(inter))
     _lora_act_mul_kernel[(b, -(-inter // block))](y, xa_, bt, h, sys_, syr, sxs, sxr, sbt, h.stride(0), r, inter,
                                                   *xa_offsets[:2], s, s_xa, ACT=act, BLOCK=block, BLOCK_R=block_r,
-                                                  SP=next_pow2(s), SP_XA=next_pow2(s_xa), num_warps=warps)
+                                                  SP=next_pow2(s), SP_XA=next_pow2(s_xa), num_warps=warps,
+                                                  USE_PDL=pdl_mode(y.device), **pdl_launch(pdl_mode(y.device)))
     return h
 
 
@@ -392,7 +402,8 @@ def _launch_norm(x, y, xa, lora_bt, xa_offsets, weight, eps, gemma, config=None)
     _lora_residual_norm_kernel[(b, parts)](x, y, xa_, bt, weight, s, out, counters, x.stride(0), sys_, syr, sxs, sxr,
                                            sbt, s.stride(0), out.stride(0), r, xa_offsets[0], hidden, eps, s_y, s_xa,
                                            BLOCK=block, ROW_BLOCK=row_block, GEMMA=gemma, BLOCK_R=block_r,
-                                           SP=next_pow2(s_y), SP_XA=next_pow2(s_xa), SPLIT=parts > 1, num_warps=warps)
+                                           SP=next_pow2(s_y), SP_XA=next_pow2(s_xa), SPLIT=parts > 1, num_warps=warps,
+                                           USE_PDL=pdl_mode(x.device), **pdl_launch(pdl_mode(x.device)))
     return s, out
 
 

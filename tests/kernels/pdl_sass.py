@@ -56,7 +56,7 @@ def _ptrs(names: str, ty: str) -> dict:
 
 def cases():
     """(name, kernel, types, constexprs, num_warps, facts to report) for each kernel of the decode step."""
-    from fastlm.kernels import decode_attention, decode_gemv, decode_nf4, decode_nf4_prmt
+    from fastlm.kernels import decode_attention, decode_epilogue, decode_gemv, decode_nf4, decode_nf4_prmt
 
     gemv_types = {**_ptrs("x_ptr w_ptr", "*bf16"), "out_ptr": "*fp32",
                   **_ptrs("N K stride_x stride_w stride_os stride_or", "i32")}
@@ -84,6 +84,23 @@ def cases():
            dict(prmt_const, X_DIRECT=True, X_IN_ASM=True, SCALE_IN_ASM=True, USE_PDL=1), 4)
     yield ("nf4_prmt_rows", decode_nf4_prmt._nf4_gemv_prmt_rows_kernel, prmt_types,
            dict(prmt_const, ROWS=2, USE_PDL=1), 4)
+    epi = dict(BLOCK_R=16, SP=4, SP_XA=1, USE_PDL=1)
+    yield ("epilogue_qkv", decode_epilogue._qkv_rope_cache_kernel,
+           {**_ptrs("y_ptr xa_ptr", "*fp32"), "bt_ptr": "*bf16", **_ptrs("cos_ptr sin_ptr", "*fp32"), "pos_ptr": "*i64",
+            **_ptrs("q_ptr kc_ptr vc_ptr", "*bf16"),
+            **_ptrs("stride_ys stride_y stride_xas stride_xa stride_bt stride_cos stride_q stride_cb stride_ch "
+                    "stride_cl R XQ XK XV S S_XA", "i32")},
+           dict(epi, H=32, KV=8, HALF=32, BLOCK_HALF=32), 1)
+    yield ("epilogue_act", decode_epilogue._lora_act_mul_kernel,
+           {**_ptrs("y_ptr xa_ptr", "*fp32"), **_ptrs("bt_ptr h_ptr", "*bf16"),
+            **_ptrs("stride_ys stride_y stride_xas stride_xa stride_bt stride_h R INTER XG XU S S_XA", "i32")},
+           dict(epi, ACT=0, BLOCK=32), 4)
+    yield ("epilogue_norm", decode_epilogue._lora_residual_norm_kernel,
+           {"x_ptr": "*bf16", **_ptrs("y_ptr xa_ptr", "*fp32"), **_ptrs("bt_ptr w_ptr s_ptr out_ptr", "*bf16"),
+            "count_ptr": "*i32",
+            **_ptrs("stride_x stride_ys stride_y stride_xas stride_xa stride_bt stride_s stride_out R XOFF HIDDEN",
+                    "i32"), "eps": "fp32", **_ptrs("S S_XA", "i32")},
+           dict(epi, BLOCK=128, ROW_BLOCK=2048, GEMMA=False, SPLIT=True), 2)
     yield ("nf4_word", decode_nf4._nf4_gemv_word_kernel, word_types,
            dict(BLOCKSIZE=64, BLOCK_N=4, BLOCK_W=64, PREFETCH=True, USE_PDL=1), 4)
 

@@ -126,6 +126,16 @@ def test_attention_kernels_wait_before_any_memory_access(kernel):
     assert facts["wait"] and facts["trigger"] and facts["load_bytes"] == 0 and facts["stores"] == 0
 
 
+@pytest.mark.parametrize("kernel,weight_bytes", [("epilogue_qkv", 2 * 16 * 32 * 2), ("epilogue_act", 2 * 16 * 32 * 2),
+                                                  ("epilogue_norm", 128 * 2 + 16 * 128 * 2)])
+def test_epilogues_load_only_their_weights_before_the_wait(kernel, weight_bytes):
+    """The decode epilogues read the adapters' B^T tiles (and the norm its weight) before the wait, nothing else,
+    and store nothing before it."""
+    facts = _sass_facts()[(kernel, 1)]
+    assert facts["wait"] and facts["trigger"] and facts["stores"] == 0
+    assert 0 < facts["load_bytes"] * facts["threads"] <= weight_bytes
+
+
 def test_pdl_modes_compile_to_what_they_say():
     """USE_PDL 0: no griddepcontrol at all (the kernel as before); 2: the wait without the trigger."""
     sass = _sass_facts()
