@@ -2,11 +2,12 @@
 
 The eager prefill of a 128-token prompt on Llama-3.2-1B launches about 1,200 kernels: 30 ms of time to first token
 on an H100 for 4.4 ms of GPU work (scripts/gpu_step_overhead.py). Prompts of up to `WIDTHS[-1]` tokens, in
-admissions of up to `MAX_ROWS` prompts, are right-padded to the next width of `WIDTHS` (the padding the engine's
-prefill already allows: a pad position of a slot is written but never attended later) and run as one replay of a
-graph captured for (prompts, width). The first prompt of a new (prompts, width) runs eagerly and the graph is
-captured after it, so no prompt waits for a capture it does not use. The graphs share one memory pool (they run
-one at a time on the engine's stream); each keeps its logits buffer, which the caller reads before the next prefill.
+admissions of up to `MAX_ROWS` prompts and `MAX_TOKENS` padded tokens, are right-padded to the next width of
+`WIDTHS` (the padding the engine's prefill already allows: a pad position of a slot is written but never attended
+later) and run as one replay of a graph captured for (prompts, width). The first prompt of a new (prompts, width)
+runs eagerly and the graph is captured after it, so no prompt waits for a capture it does not use. The graphs share
+one memory pool (they run one at a time on the engine's stream); each keeps its logits buffer, which the caller
+reads before the next prefill.
 """
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ logger = logging.getLogger(__name__)
 # padded widths: powers of two and the 1.5x steps between them, so a prompt does at most 1.5x its own work
 WIDTHS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
 MAX_ROWS = 4  # prompts admitted together; larger admissions are long enough to keep the GPU busy eagerly
+# padded tokens of one captured prefill at most: the graphs' pool keeps the largest one's activations for the
+# engine's life (the attention scores of 1,024 tokens are 4 MB per head in fp32)
+MAX_TOKENS = 1024
 
 
 def graph_width(n_prompts: int, longest: int, max_len: int) -> int | None:
     """The padded width a prefill of n_prompts prompts (the longest `longest` tokens) replays at, or None (eager)."""
     if n_prompts > MAX_ROWS or longest > WIDTHS[-1]:
         return None
-    width = next(w for w in WIDTHS if w >= longest)
-    return min(width, max_len)
+    width = min(next(w for w in WIDTHS if w >= longest), max_len)
+    return width if n_prompts * width <= MAX_TOKENS else None
 
 
 def cuda_capture(fn: Callable[..., torch.Tensor], inputs: tuple, pool) -> tuple[Callable[[], None], torch.Tensor]:

@@ -53,6 +53,7 @@ def test_graph_width_pads_to_the_next_width_and_leaves_long_or_many_prompts_eage
     assert graph_width(1, 100, 110) == 110  # never past the cache
     assert graph_width(1, WIDTHS[-1] + 1, 4096) is None
     assert graph_width(5, 10, 4096) is None
+    assert graph_width(2, 512, 4096) == 512 and graph_width(2, 513, 4096) is None  # 1,536 padded tokens: eager
 
 
 def test_replayed_prefills_give_each_prompt_its_own_logits(tiny_model_factory, loaded):
