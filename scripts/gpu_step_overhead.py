@@ -71,6 +71,7 @@ def set_mode(engine, prefill_compiled: bool | None = None, fused: bool | None = 
     bookkeeping (its captured whole steps dropped, so the next steps are captured in the chosen mode)."""
     if prefill_compiled is not None:
         engine.use_prefill_compile = prefill_compiled and engine._prefill_fns is not None
+        engine._prefill_graphs.enabled = False  # "before" is the eager prefill, not the captured one (the bench's)
     if fused is not None:
         state = getattr(engine, "_scheduler_state", None)
         if state is None:
@@ -269,7 +270,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = build_model(args.shape, dtype, DEVICE, lora_rank=args.lora_rank)
     engine = Engine(model, max_slots=1, max_len=args.prompt_len + args.new_tokens + 1,
-                    compile_prefill=True if DEVICE == "cpu" else None)
+                    compile_prefill=True)
     vocab = engine.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     log(f"model built: {args.shape}, LoRA r{args.lora_rank}, fused={engine.view.fused}, "
