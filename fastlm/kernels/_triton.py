@@ -115,10 +115,28 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+@functools.lru_cache(maxsize=1)
+def triton_has_pdl() -> bool:
+    """Whether the installed Triton launches with PDL: `launch_pdl` and tl.extra.cuda.gdc_wait, which the 3.4 line
+    has (torch >= 2.4 may bring an older Triton: its kernels then launch without PDL)."""
+    import re
+
+    try:
+        import triton
+        from triton.language.extra import cuda as tl_cuda
+    except Exception:  # noqa: BLE001 - no Triton, or a build without the CUDA extras
+        return False
+    version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+    return version >= (3, 4) and hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+
+
 def pdl_mode(device: torch.device) -> int:
     """The USE_PDL constexpr of a launch on `device`: 0 without PDL (off by `PDL` or FASTLM_PDL=0, CPU tensors, the
-    interpreter, GPUs before compute capability 9.0), 1 with PDL and the early trigger, 2 with PDL and no trigger."""
+    interpreter, GPUs before compute capability 9.0, a Triton older than 3.4), 1 with PDL and the early trigger, 2
+    with PDL and no trigger."""
     if not PDL or not HAS_TRITON or device.type != "cuda" or interpreter_on() or not _pdl_env():
+        return 0
+    if not triton_has_pdl():
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     if _capability(index) < (9, 0):

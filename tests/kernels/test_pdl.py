@@ -57,6 +57,18 @@ def test_gpus_before_hopper_launch_without_pdl(hopper, monkeypatch):
     assert _triton.pdl_mode(CUDA0) == 0
 
 
+def test_a_triton_without_pdl_launches_without_it(hopper, monkeypatch):
+    import triton
+
+    assert _triton.triton_has_pdl()  # the test environment's Triton (>= 3.4) has it
+    _triton.triton_has_pdl.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    try:
+        assert not _triton.triton_has_pdl() and _triton.pdl_mode(CUDA0) == 0
+    finally:
+        _triton.triton_has_pdl.cache_clear()
+
+
 def test_a_bad_environment_value_names_the_fix(hopper, monkeypatch):
     monkeypatch.setenv("FASTLM_PDL", "maybe")
     with pytest.raises(ConfigError, match="FASTLM_PDL='maybe'.*FASTLM_PDL=0"):
