@@ -61,3 +61,10 @@ class ModelSourceError(FastLMError, OSError):
 
 class UnsupportedFeatureError(FastLMError, NotImplementedError):
     """An argument whose feature is not available in this fastlm version or on this machine."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's first line, with the next one where it only announces it (dynamo's "backend=... raised:")."""
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text[:200]

@@ -24,7 +24,7 @@ import time
 import torch
 
 from ..arch import lookup
-from ..errors import UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError, first_line
 from ..kernels._triton import graph_replay_ms
 from ..state import base_model_of
 from .decoder import DecoderView
@@ -116,8 +116,9 @@ class Engine:
         """Write each prompt into its slot from position 0 and return the last token's logits [n, V] (float32).
         Rows are right-padded to the longest prompt (the compiled prefill pads to at least PREFILL_MIN_TOKENS
         positions, the captured one to a width of prefill_graphs.WIDTHS); with CUDA graphs the returned tensor may
-        be a graph's output buffer: use it before the next call. A pad position of a slot is written here but never attended later: a decode step writes its
-        own key and value at its position before attending to positions up to it."""
+        be a graph's output buffer: use it before the next call. A pad position of a slot is written here but never
+        attended later: a decode step writes its own key and value at its position before attending to positions
+        up to it."""
         if len(slots) != len(prompts) or not prompts:
             raise ValueError("prefill needs one slot per prompt")
         lengths = [len(p) for p in prompts]
@@ -404,13 +405,6 @@ def raise_dynamo_limits() -> None:
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     if hasattr(dynamo.config, "accumulated_cache_size_limit"):
         dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 512)
-
-
-def first_line(exc: BaseException) -> str:
-    """The exception's first line, with the next one where it only announces it (dynamo's "backend=... raised:")."""
-    lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
-    return text[:200]
 
 
 def get_engine(model, slots: int, max_len: int) -> Engine:

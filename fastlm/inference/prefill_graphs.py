@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import first_line
+
 logger = logging.getLogger(__name__)
 
 # padded widths: powers of two and the 1.5x steps between them, so a prompt does at most 1.5x its own work
@@ -82,9 +84,8 @@ class PrefillGraphs:
                 self.pool = torch.cuda.graph_pool_handle()
             replay, out = self.capture(self.forward, inputs, self.pool)
         except Exception as exc:  # noqa: BLE001 - prefill eagerly from now on, reported once
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             logger.warning("fastlm engine: the prefill could not be captured in a CUDA graph (%s); prefilling "
-                           "eagerly", reason)
+                           "eagerly", first_line(exc))
             self.enabled = False
             if self.device.type == "cuda":
                 torch.cuda.synchronize()

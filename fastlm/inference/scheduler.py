@@ -91,6 +91,7 @@ class Scheduler:
         self.sync_every = max(1, int(sync_every))
         self.look_ahead = engine.device.type == "cuda" if look_ahead is None else bool(look_ahead)
         self.ahead = 0  # decode steps queued past the last sync (look-ahead), not yet seen by the host
+        self._host = None  # CUDA: pinned host copies of the stop flags and lengths (`_snapshot`)
         s = engine.max_slots
         state = getattr(engine, "_scheduler_state", None)
         if state is None or not state.take(self):  # none yet, or another live scheduler uses it: a private one
@@ -167,11 +168,12 @@ class Scheduler:
                     b, lambda: self._decode_once(b, rows, row_ids, captured=True))
 
     def _snapshot(self):
-        """The stop flags and lengths as the steps queued so far leave them: on CUDA copied into pinned host memory
-        behind an event (the host waits for that event, not for steps queued after it), else read now."""
+        """(event or None, done, n_gen): the stop flags and lengths as the steps queued so far leave them. On CUDA
+        copied into pinned host memory behind an event (the host waits for that event, not for steps queued after
+        it); elsewhere copies taken now (the steps run as they are queued)."""
         if self.engine.device.type != "cuda":
-            return self.done.tolist(), self.n_gen.tolist()
-        if getattr(self, "_host", None) is None:
+            return None, self.done.clone(), self.n_gen.clone()
+        if self._host is None:
             self._host = (torch.empty(self.done.shape, dtype=torch.bool, pin_memory=True),
                           torch.empty(self.n_gen.shape, dtype=torch.long, pin_memory=True))
         done, n_gen = self._host
@@ -265,11 +267,10 @@ class Scheduler:
             logits = self.engine.decode(self.cur[:b], self.pos[:b])
         self._take_tokens(logits, rows, row_ids, fused=self.state.fused_bookkeeping)
 
-    def _sync(self, *snapshot) -> list[Result]:
-        if len(snapshot) == 3:  # (event, pinned done, pinned n_gen): wait for the steps up to the snapshot only
-            snapshot[0].synchronize()
-            snapshot = snapshot[1].tolist(), snapshot[2].tolist()
-        done, n_gen = snapshot
+    def _sync(self, event, done, n_gen) -> list[Result]:
+        if event is not None:  # wait for the steps up to the snapshot only
+            event.synchronize()
+        done, n_gen = done.tolist(), n_gen.tolist()
         occupied = [i for i, r in enumerate(self.slot_req) if r is not None]
         need = [i for i in occupied if done[i] or self.slot_req[i].on_tokens or self.slot_req[i].params.stop_strings
                 or self.slot_req[i].aborted]
