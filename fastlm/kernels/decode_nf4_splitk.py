@@ -23,22 +23,88 @@ import sys
 import torch
 
 from ._triton import HAS_TRITON, interpreter_on, launches_ms, pdl_launch, pdl_mode, pdl_wait, register_opaque_op
-from .decode_nf4_prmt import code_regs
+from .decode_nf4_prmt import _decode_half_ptx, code_regs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .decode_nf4_prmt import _block_rows, _scale_index, _tables, _word_dot_xs, _words
+    from .decode_nf4_prmt import _block_rows, _u32, _word_dot_sim, _words
 
-# (BLOCK_N, BLOCK_K, num_warps): a program reads BLOCK_N x BLOCK_K / 8 int32 words (2-16 KB), 8-16 words a thread
-CONFIGS = [(8, 512, 2), (16, 512, 4), (32, 512, 4), (16, 512, 2), (4, 1024, 2), (8, 1024, 4), (16, 1024, 4),
-           (8, 1024, 2), (32, 1024, 8), (4, 2048, 4), (8, 2048, 4), (16, 2048, 8), (8, 4096, 8)]
-INTERPRETER_CONFIG = (4, 32, 1)
+
+def quad_dot_ptx(f16: bool) -> str:
+    """The PTX of four consecutive words' decode (32 weights) and their dot product with x, times their common
+    absmax scale. Operands: $0 the float32 result; $1..$4 the words; $5 the address of the quad's 32 x values in the
+    compute type (16-byte aligned: four 16-byte loads); $6 the address of its float32 scale; $7 the constant
+    0x32103210 (in a register so that one lop3 makes a selector: lop3 takes one immediate); $8..$15 L0..L3, H0..H3
+    (decode_nf4_prmt's byte tables). Each word's eight products are summed in the two 16-bit lanes of its own
+    accumulator (as decode_nf4_prmt's word asm does), the lanes then added in float32; one scale per quad.
+    The permutes, logic ops and shifts share one pipe (16 lanes a clock per SM partition; the decode is bound by
+    it), so the right shifts are written as mul.hi (and the left one as mul.lo), which run on the FMA pipe."""
+    fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
+    lines = ["{", ".reg .b32 rq, rs, rt, ra, rb, rlo, rhi, rp0, rp1, racc, rsc, rsum;",
+             ".reg .b32 " + ", ".join(f"rx{i}" for i in range(16)) + ";"]
+    if f16:
+        lines += [".reg .b16 rh0, rh1;", ".reg .f32 rf0, rf1;"]
+    for j in range(4):
+        lines.append(f"ld.global.nc.v4.b32 {{rx{4 * j}, rx{4 * j + 1}, rx{4 * j + 2}, rx{4 * j + 3}}}, "
+                     f"[$5+{16 * j}];")
+    lines += ["ld.global.nc.b32 rsc, [$6];", "mov.b32 rsum, 0;"]
+    for w in range(4):
+        # rq: the codes' 3 low bits (first-level selectors); rs: nibble i = i + 4 * bit 3 of code i
+        lines += [f"and.b32 rq, ${1 + w}, 0x77777777;", f"mul.hi.u32 rt, ${1 + w}, 0x80000000;",
+                  "lop3.b32 rs, rt, 0x44444444, $7, 0xEA;", "mov.b32 racc, 0;"]
+        for half in (0, 1):
+            if half:
+                lines += ["mul.hi.u32 rq, rq, 0x10000;", "mul.hi.u32 rs, rs, 0x10000;"]
+            lines += _decode_half_ptx(8)
+            lines += [f"{fma} racc, rp0, rx{4 * w + 2 * half}, racc;",
+                      f"{fma} racc, rp1, rx{4 * w + 2 * half + 1}, racc;"]
+        if f16:
+            lines += ["mov.b32 {rh0, rh1}, racc;", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
+                      "add.f32 rsum, rsum, rf0;", "add.f32 rsum, rsum, rf1;"]
+        else:  # a bf16 is the high half of a float32
+            lines += ["and.b32 ra, racc, 0xffff0000;", "mul.lo.u32 rb, racc, 0x10000;", "add.f32 rsum, rsum, ra;",
+                      "add.f32 rsum, rsum, rb;"]
+    lines += ["mul.f32 $0, rsum, rsc;", "}"]
+    return "\n".join(lines)
+
+
+_QUAD_CONSTRAINTS = "=r,r,r,r,r,l,l,r," + ",".join(["r"] * 8)
+
+# (BLOCK_N, BLOCK_K, num_warps): a program reads BLOCK_N x BLOCK_K / 8 int32 words (2-32 KB), 8-32 words a thread
+CONFIGS = [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 512, 4), (32, 512, 2), (4, 1024, 2), (8, 1024, 2),
+           (8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (32, 1024, 8), (4, 2048, 4), (8, 2048, 4), (16, 2048, 4),
+           (16, 2048, 8), (8, 4096, 4), (8, 4096, 8)]
+INTERPRETER_CONFIG = (4, 64, 1)
 _TUNED: dict[tuple, tuple | None] = {}
 
 
 if HAS_TRITON:
+    _PTX_QUAD_BF16 = tl.constexpr(quad_dot_ptx(False))
+    _PTX_QUAD_F16 = tl.constexpr(quad_dot_ptx(True))
+    _QUAD_CONSTR = tl.constexpr(_QUAD_CONSTRAINTS)
+
+    @triton.jit
+    def _quad_dot(q0, q1, q2, q3, xq, sq, sel, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+        """float32 dot of each quad of words (q0..q3) with its 32 x values, times its scale; all args one shape.
+        xq: int32 pointers to the quad's x pairs; sq: float32 pointers to its scale; sel: 0x32103210."""
+        if USE_ASM:
+            args = [q0, q1, q2, q3, xq, sq, sel, l0, l1, l2, l3, h0, h1, h2, h3]
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_QUAD_F16, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
+                                                 pack=1)
+            return tl.inline_asm_elementwise(_PTX_QUAD_BF16, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
+                                             pack=1)
+        tot = tl.zeros(q0.shape, dtype=tl.float32)
+        for j in tl.static_range(4):
+            q = q0 if j == 0 else (q1 if j == 1 else (q2 if j == 2 else q3))
+            tot += _word_dot_sim(q, _u32(tl.load(xq + 4 * j)), _u32(tl.load(xq + 4 * j + 1)),
+                                 _u32(tl.load(xq + 4 * j + 2)), _u32(tl.load(xq + 4 * j + 3)), _u32(l0), _u32(l1),
+                                 _u32(l2), _u32(l3), _u32(h0), _u32(h1), _u32(h2), _u32(h3), F16)
+        return tot * tl.load(sq)
+
     @triton.jit
     def _nf4_partials_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, out_ptr, N, K, words_per_row, n_scales, stride_os,
                              BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -46,27 +112,53 @@ if HAS_TRITON:
                              USE_PDL: tl.constexpr):
         # EVEN: words_per_row % BLOCK_W == 0 (no word past a row's end). x is read as int32 pairs of the 16-bit
         # compute type (x_ptr typed int32); the packed weights are never written, so they are loaded before pdl_wait.
+        # Words come in quads (4 consecutive words, one 16-byte load; blocksize % 32 == 0, so one scale per quad).
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         m = tl.program_id(2)
         WPB: tl.constexpr = BLOCKSIZE // 8
+        BLOCK_Q: tl.constexpr = BLOCK_W // 4
         rows, row_ok, row_words, zero = _block_rows(pid_n, N, words_per_row, BLOCK_N, BLOCK_W, IDX32)
-        w0 = split * BLOCK_W
-        word = _words(w_ptr, row_words, row_ok, w0, words_per_row, BLOCK_W, EVEN)
+        word = _words(w_ptr, row_words, row_ok, split * BLOCK_W, words_per_row, BLOCK_W, EVEN)
         pdl_wait(USE_PDL)
-        l0, l1, l2, l3, h0, h1, h2, h3 = _tables(regs_ptr, rows, words_per_row, zero, BLOCK_N, BLOCK_W)
-        wi = w0 + tl.arange(0, BLOCK_W)
-        # rows past N read word 0 and a clamped scale index (their sums are not stored); words past the row's end
-        # read x at its last word and are dropped
-        sidx = tl.minimum(_scale_index(row_words, wi, WPB, IDX32), n_scales - 1).to(tl.int32)
-        xrow = x_ptr + m * (K // 2) + zero
-        if EVEN:
-            part = _word_dot_xs(word, wi[None, :] + zero, xrow, sidx, absmax_ptr + zero, l0, l1, l2, l3, h0, h1, h2,
-                                h3, F16, USE_ASM)
+        # word 4q + 2i + j of the tile at [:, q, i, j]: the splits give words 4q, 4q + 2 (a) and 4q + 1, 4q + 3 (b)
+        a, b = tl.split(tl.reshape(word, [BLOCK_N, BLOCK_Q, 2, 2]))
+        q0, q2 = tl.split(a)
+        q1, q3 = tl.split(b)
+        zq = tl.zeros([BLOCK_N, BLOCK_Q], dtype=tl.int32)
+        qi = split * BLOCK_Q + tl.arange(0, BLOCK_Q)  # quad index in the row
+        # the byte tables as values the compiler cannot prove uniform (salt is 0), once per column of a thread's
+        # quads (decode_nf4_prmt._tables explains why not scalars)
+        salt = (qi.to(tl.int64) * words_per_row >> 62).to(tl.int32)[None, :]
+        l0 = tl.load(regs_ptr) ^ salt
+        l1 = tl.load(regs_ptr + 1) ^ salt
+        l2 = tl.load(regs_ptr + 2) ^ salt
+        l3 = tl.load(regs_ptr + 3) ^ salt
+        h0 = tl.load(regs_ptr + 4) ^ salt
+        h1 = tl.load(regs_ptr + 5) ^ salt
+        h2 = tl.load(regs_ptr + 6) ^ salt
+        h3 = tl.load(regs_ptr + 7) ^ salt
+        sel = 0x32103210 ^ salt
+        # rows past N read word 0 and a clamped scale index (their sums are not stored); quads past the row's end
+        # read x at its last quad and are dropped
+        if IDX32:
+            sidx = ((row_words + 4 * qi[None, :]).to(tl.uint32, bitcast=True) // WPB).to(tl.int32, bitcast=True)
         else:
-            part = _word_dot_xs(word, tl.minimum(wi, words_per_row - 1)[None, :] + zero, xrow, sidx,
-                                absmax_ptr + zero, l0, l1, l2, l3, h0, h1, h2, h3, F16, USE_ASM)
-            part = tl.where((wi < words_per_row)[None, :], part, 0.0)
+            sidx = (row_words + 4 * qi[None, :]) // WPB
+        sidx = tl.minimum(sidx, n_scales - 1).to(tl.int32)
+        xrow = x_ptr + m * (K // 2)
+        if EVEN:
+            xq = xrow + 16 * qi[None, :]
+        else:
+            xq = xrow + 16 * tl.minimum(qi, words_per_row // 4 - 1)[None, :]
+        part = _quad_dot(q0, q1, q2, q3, tl.broadcast_to(xq, [BLOCK_N, BLOCK_Q]), absmax_ptr + sidx,
+                         tl.broadcast_to(sel, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(l0, [BLOCK_N, BLOCK_Q]),
+                         tl.broadcast_to(l1, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(l2, [BLOCK_N, BLOCK_Q]),
+                         tl.broadcast_to(l3, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(h0, [BLOCK_N, BLOCK_Q]),
+                         tl.broadcast_to(h1, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(h2, [BLOCK_N, BLOCK_Q]),
+                         tl.broadcast_to(h3, [BLOCK_N, BLOCK_Q]), F16, USE_ASM)
+        if not EVEN:
+            part = tl.where((qi < words_per_row // 4)[None, :], part, 0.0)
         tl.store(out_ptr + split * stride_os + m * N + rows, tl.sum(part, axis=1), mask=row_ok)
 
 
@@ -76,9 +168,9 @@ def splits(k: int, cfg: tuple) -> int:
 
 def _check(cfg) -> tuple:
     cfg = tuple(int(c) for c in cfg)
-    if (len(cfg) != 3 or any(c < 1 or c & (c - 1) for c in cfg) or cfg[1] < 8):
+    if (len(cfg) != 3 or any(c < 1 or c & (c - 1) for c in cfg) or cfg[1] < 32):
         raise ValueError(f"nf4_partials config {cfg!r}: expected (BLOCK_N, BLOCK_K, num_warps), powers of two with "
-                         "BLOCK_K >= 8; get one from nf4_partials_config()")
+                         "BLOCK_K >= 32; get one from nf4_partials_config()")
     return cfg
 
 
@@ -99,8 +191,9 @@ def _launch(x, packed, absmax, code, out, n, k, blocksize, cfg) -> None:
 
 
 def fits(k: int, blocksize: int, packed: torch.Tensor, code: torch.Tensor) -> bool:
-    """Whole int32 words of a row per 16-byte load (K and blocksize multiples of 8), aligned bytes, a 16-entry code."""
-    return (HAS_TRITON and k % 8 == 0 and blocksize % 8 == 0 and packed.data_ptr() % 16 == 0
+    """Whole quads of int32 words in a row and in a scale block (K and blocksize multiples of 32), aligned bytes, a
+    16-entry code."""
+    return (HAS_TRITON and k % 32 == 0 and blocksize % 32 == 0 and packed.data_ptr() % 16 == 0
             and code.numel() == 16)
 
 
