@@ -32,17 +32,21 @@ if HAS_TRITON:
     from .decode_nf4_prmt import _block_rows, _u32, _word_dot_sim, _words
 
 
-def quad_dot_ptx(f16: bool) -> str:
+def quad_dot_ptx(f16: bool, lop3_select: bool = True) -> str:
     """The PTX of four consecutive words' decode (32 weights) and their dot product with x, times their common
     absmax scale. Operands: $0 the float32 result; $1..$4 the words; $5 the address of the quad's 32 x values in the
     compute type (16-byte aligned: four 16-byte loads); $6 the address of its float32 scale; $7 the constant
     0x32103210 (in a register so that one lop3 makes a selector: lop3 takes one immediate); $8..$15 L0..L3, H0..H3
     (decode_nf4_prmt's byte tables). Each word's eight products are summed in the two 16-bit lanes of its own
     accumulator (as decode_nf4_prmt's word asm does), the lanes then added in float32; one scale per quad.
-    The permutes, logic ops and shifts share one pipe (16 lanes a clock per SM partition; the decode is bound by
-    it), so the right shifts are written as mul.hi (and the left one as mul.lo), which run on the FMA pipe."""
+
+    The permutes bound the decode on the H100 (about 2 words a clock per SM at 16 permutes a word, in the sweep),
+    so where the cheaper pipes can do the work they do: right shifts as mul.hi and the left one as mul.lo (FMA
+    pipe), and with `lop3_select` the second-level choice between entries 0-7 and 8-15 is a bitwise select under a
+    byte mask (lop3) instead of a permute: the mask of four codes is one sign-replicating permute of the word and
+    the word shifted left by 4 (byte i = 0xff where code i's bit 3 is set), 14 permutes a word instead of 16."""
     fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
-    lines = ["{", ".reg .b32 rq, rs, rt, ra, rb, rlo, rhi, rp0, rp1, racc, rsc, rsum;",
+    lines = ["{", ".reg .b32 rq, rs, rt, ra, rb, rlo, rhi, rp0, rp1, racc, rsc, rsum, rm0, rm1;",
              ".reg .b32 " + ", ".join(f"rx{i}" for i in range(16)) + ";"]
     if f16:
         lines += [".reg .b16 rh0, rh1;", ".reg .f32 rf0, rf1;"]
@@ -50,15 +54,29 @@ def quad_dot_ptx(f16: bool) -> str:
         lines.append(f"ld.global.nc.v4.b32 {{rx{4 * j}, rx{4 * j + 1}, rx{4 * j + 2}, rx{4 * j + 3}}}, "
                      f"[$5+{16 * j}];")
     lines += ["ld.global.nc.b32 rsc, [$6];", "mov.b32 rsum, 0;"]
+    lo = [f"${8 + i}" for i in range(4)]
+    hi = [f"${12 + i}" for i in range(4)]
     for w in range(4):
-        # rq: the codes' 3 low bits (first-level selectors); rs: nibble i = i + 4 * bit 3 of code i
-        lines += [f"and.b32 rq, ${1 + w}, 0x77777777;", f"mul.hi.u32 rt, ${1 + w}, 0x80000000;",
-                  "lop3.b32 rs, rt, 0x44444444, $7, 0xEA;", "mov.b32 racc, 0;"]
+        word = f"${1 + w}"
+        lines += [f"and.b32 rq, {word}, 0x77777777;", "mov.b32 racc, 0;"]
+        if lop3_select:  # byte i of rm0 (rm1): 0xff where bit 3 of code i (code 4 + i) is set
+            lines += [f"mul.lo.u32 rt, {word}, 16;", f"prmt.b32 rm0, rt, {word}, 0xD9C8;",
+                      f"prmt.b32 rm1, rt, {word}, 0xFBEA;"]
+        else:  # rs: nibble i = i + 4 * bit 3 of code i
+            lines += [f"mul.hi.u32 rt, {word}, 0x80000000;", "lop3.b32 rs, rt, 0x44444444, $7, 0xEA;"]
         for half in (0, 1):
             if half:
-                lines += ["mul.hi.u32 rq, rq, 0x10000;", "mul.hi.u32 rs, rs, 0x10000;"]
-            lines += _decode_half_ptx(8)
-            lines += [f"{fma} racc, rp0, rx{4 * w + 2 * half}, racc;",
+                lines.append("mul.hi.u32 rq, rq, 0x10000;")
+                if not lop3_select:
+                    lines.append("mul.hi.u32 rs, rs, 0x10000;")
+            for dst, tab in (("rlo", lo), ("rhi", hi)):
+                lines += [f"prmt.b32 ra, {tab[0]}, {tab[1]}, rq;", f"prmt.b32 rb, {tab[2]}, {tab[3]}, rq;"]
+                if lop3_select:  # (ra & ~mask) | (rb & mask)
+                    lines.append(f"lop3.b32 {dst}, ra, rb, rm{half}, 0xD8;")
+                else:
+                    lines.append(f"prmt.b32 {dst}, ra, rb, rs;")
+            lines += ["prmt.b32 rp0, rlo, rhi, 0x4051;", "prmt.b32 rp1, rlo, rhi, 0x6273;",
+                      f"{fma} racc, rp0, rx{4 * w + 2 * half}, racc;",
                       f"{fma} racc, rp1, rx{4 * w + 2 * half + 1}, racc;"]
         if f16:
             lines += ["mov.b32 {rh0, rh1}, racc;", "cvt.f32.f16 rf0, rh0;", "cvt.f32.f16 rf1, rh1;",
@@ -72,30 +90,41 @@ def quad_dot_ptx(f16: bool) -> str:
 
 _QUAD_CONSTRAINTS = "=r,r,r,r,r,l,l,r," + ",".join(["r"] * 8)
 
-# (BLOCK_N, BLOCK_K, num_warps): a program reads BLOCK_N x BLOCK_K / 8 int32 words (2-32 KB), 8-32 words a thread
-CONFIGS = [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 512, 4), (32, 512, 2), (4, 1024, 2), (8, 1024, 2),
+# (BLOCK_N, BLOCK_K, num_warps, LOP3): a program reads BLOCK_N x BLOCK_K / 8 int32 words (2-32 KB), 8-32 words a
+# thread; LOP3 1: the lop3-select asm, 0: the all-permute one (see quad_dot_ptx)
+_BLOCKS = [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 512, 4), (32, 512, 2), (4, 1024, 2), (8, 1024, 2),
            (8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (32, 1024, 8), (4, 2048, 4), (8, 2048, 4), (16, 2048, 4),
            (16, 2048, 8), (8, 4096, 4), (8, 4096, 8)]
-INTERPRETER_CONFIG = (4, 64, 1)
+CONFIGS = [(*b, 1) for b in _BLOCKS] + [(*b, 0) for b in _BLOCKS]
+INTERPRETER_CONFIG = (4, 64, 1, 1)
 _TUNED: dict[tuple, tuple | None] = {}
 
 
 if HAS_TRITON:
     _PTX_QUAD_BF16 = tl.constexpr(quad_dot_ptx(False))
     _PTX_QUAD_F16 = tl.constexpr(quad_dot_ptx(True))
+    _PTX_QUAD_BF16_P = tl.constexpr(quad_dot_ptx(False, False))
+    _PTX_QUAD_F16_P = tl.constexpr(quad_dot_ptx(True, False))
     _QUAD_CONSTR = tl.constexpr(_QUAD_CONSTRAINTS)
 
     @triton.jit
     def _quad_dot(q0, q1, q2, q3, xq, sq, sel, l0, l1, l2, l3, h0, h1, h2, h3, F16: tl.constexpr,
-                  USE_ASM: tl.constexpr):
+                  USE_ASM: tl.constexpr, LOP3: tl.constexpr):
         """float32 dot of each quad of words (q0..q3) with its 32 x values, times its scale; all args one shape.
-        xq: int32 pointers to the quad's x pairs; sq: float32 pointers to its scale; sel: 0x32103210."""
+        xq: int32 pointers to the quad's x pairs; sq: float32 pointers to its scale; sel: 0x32103210. LOP3: the
+        lop3-select asm (see quad_dot_ptx)."""
         if USE_ASM:
             args = [q0, q1, q2, q3, xq, sq, sel, l0, l1, l2, l3, h0, h1, h2, h3]
-            if F16:
-                return tl.inline_asm_elementwise(_PTX_QUAD_F16, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
+            if LOP3:
+                if F16:
+                    return tl.inline_asm_elementwise(_PTX_QUAD_F16, _QUAD_CONSTR, args, dtype=tl.float32,
+                                                     is_pure=True, pack=1)
+                return tl.inline_asm_elementwise(_PTX_QUAD_BF16, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
                                                  pack=1)
-            return tl.inline_asm_elementwise(_PTX_QUAD_BF16, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
+            if F16:
+                return tl.inline_asm_elementwise(_PTX_QUAD_F16_P, _QUAD_CONSTR, args, dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_PTX_QUAD_BF16_P, _QUAD_CONSTR, args, dtype=tl.float32, is_pure=True,
                                              pack=1)
         tot = tl.zeros(q0.shape, dtype=tl.float32)
         for j in tl.static_range(4):
@@ -109,7 +138,7 @@ if HAS_TRITON:
     def _nf4_partials_kernel(x_ptr, w_ptr, absmax_ptr, regs_ptr, out_ptr, N, K, words_per_row, n_scales, stride_os,
                              BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                              F16: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr, IDX32: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             USE_PDL: tl.constexpr, LOP3: tl.constexpr = True):
         # EVEN: words_per_row % BLOCK_W == 0 (no word past a row's end). x is read as int32 pairs of the 16-bit
         # compute type (x_ptr typed int32); the packed weights are never written, so they are loaded before pdl_wait.
         # Words come in quads (4 consecutive words, one 16-byte load; blocksize % 32 == 0, so one scale per quad).
@@ -156,7 +185,7 @@ if HAS_TRITON:
                          tl.broadcast_to(l1, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(l2, [BLOCK_N, BLOCK_Q]),
                          tl.broadcast_to(l3, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(h0, [BLOCK_N, BLOCK_Q]),
                          tl.broadcast_to(h1, [BLOCK_N, BLOCK_Q]), tl.broadcast_to(h2, [BLOCK_N, BLOCK_Q]),
-                         tl.broadcast_to(h3, [BLOCK_N, BLOCK_Q]), F16, USE_ASM)
+                         tl.broadcast_to(h3, [BLOCK_N, BLOCK_Q]), F16, USE_ASM, LOP3)
         if not EVEN:
             part = tl.where((qi < words_per_row // 4)[None, :], part, 0.0)
         tl.store(out_ptr + split * stride_os + m * N + rows, tl.sum(part, axis=1), mask=row_ok)
@@ -167,15 +196,18 @@ def splits(k: int, cfg: tuple) -> int:
 
 
 def _check(cfg) -> tuple:
+    """(BLOCK_N, BLOCK_K, num_warps, LOP3); a 3-tuple means LOP3 = 1 (the lop3-select asm)."""
     cfg = tuple(int(c) for c in cfg)
-    if (len(cfg) != 3 or any(c < 1 or c & (c - 1) for c in cfg) or cfg[1] < 32):
-        raise ValueError(f"nf4_partials config {cfg!r}: expected (BLOCK_N, BLOCK_K, num_warps), powers of two with "
-                         "BLOCK_K >= 32; get one from nf4_partials_config()")
+    if len(cfg) == 3:
+        cfg = (*cfg, 1)
+    if len(cfg) != 4 or any(c < 1 or c & (c - 1) for c in cfg[:3]) or cfg[1] < 32 or cfg[3] not in (0, 1):
+        raise ValueError(f"nf4_partials config {cfg!r}: expected (BLOCK_N, BLOCK_K, num_warps[, LOP3]), powers of "
+                         "two with BLOCK_K >= 32 and LOP3 0 or 1; get one from nf4_partials_config()")
     return cfg
 
 
 def _launch(x, packed, absmax, code, out, n, k, blocksize, cfg) -> None:
-    bn, bk, warps = cfg
+    bn, bk, warps, lop3 = _check(cfg)
     f16 = x.dtype == torch.float16
     if x.dtype not in (torch.bfloat16, torch.float16) or x.data_ptr() % 16 or not x.is_contiguous():
         # the asm reads x as 16-byte vectors of the compute type
@@ -187,7 +219,7 @@ def _launch(x, packed, absmax, code, out, n, k, blocksize, cfg) -> None:
     _nf4_partials_kernel[(triton.cdiv(n, bn), out.shape[0], x.shape[0])](
         x.view(torch.int32), packed.view(torch.int32), absmax, code_regs(code, f16), out, n, k, wpr,
         absmax.numel(), out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=bn, BLOCK_W=bw, F16=f16, EVEN=wpr % bw == 0,
-        USE_ASM=not interpreter_on(), IDX32=idx32, USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl))
+        USE_ASM=not interpreter_on(), IDX32=idx32, USE_PDL=pdl, LOP3=bool(lop3), num_warps=warps, **pdl_launch(pdl))
 
 
 def fits(k: int, blocksize: int, packed: torch.Tensor, code: torch.Tensor) -> bool:
@@ -237,15 +269,15 @@ def nf4_partials_config(n: int, k: int, blocksize: int, packed: torch.Tensor, co
 
 
 def _op_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int,
-             blocksize: int, block_n: int, block_k: int, warps: int) -> torch.Tensor:
-    cfg = (block_n, block_k, warps)
+             blocksize: int, block_n: int, block_k: int, warps: int, lop3: int) -> torch.Tensor:
+    cfg = (block_n, block_k, warps, lop3)
     out = torch.empty(splits(k, cfg), x.shape[0], n, device=x.device, dtype=torch.float32)
     sys.modules[__name__]._launch(x.contiguous(), packed, absmax, code, out, n, k, blocksize, cfg)
     return out
 
 
-def _op_fake(x, packed, absmax, code, n, k, blocksize, block_n, block_k, warps):
-    return x.new_empty(splits(k, (block_n, block_k, warps)), x.shape[0], n, dtype=torch.float32)
+def _op_fake(x, packed, absmax, code, n, k, blocksize, block_n, block_k, warps, lop3):
+    return x.new_empty(splits(k, (block_n, block_k)), x.shape[0], n, dtype=torch.float32)
 
 
 if HAS_TRITON:
