@@ -86,8 +86,7 @@ def run_case(name: str) -> dict:
             continue
         rows.append({"kernel": "splitk", "cfg": list(cfg), "splits": sp, "err": err, "warm_us": warm * 1e3,
                      "cold_us": cold * 1e3})
-    loop_ms = rows[0]["warm_us"] / 1e3 * LAUNCHES
-    pick = s.nf4_partials_config(n, k, BLOCKSIZE, packed, code, torch.bfloat16, max_splits, beat_ms=loop_ms)
+    pick = s.nf4_partials_config(n, k, BLOCKSIZE, packed, code, torch.bfloat16, max_splits, loop_config=loop_cfg)
     return {"case": name, "n": n, "k": k, "bytes": nbytes(n, k), "rows": rows, "pick": pick,
             "max_splits": max_splits}
 

@@ -3,13 +3,14 @@
     nf4_partials(x [M, K], packed, absmax, code, n, k, blocksize, config) -> [S, M, N] float32
 
 The looping NF4 kernels (decode_nf4.py, decode_nf4_prmt.py) give each program a block of weight rows and walk K in
-steps, at most two steps' words in flight; at the Llama-3.2-1B shapes that is one or two programs per SM with 4-8 KB
-of loads outstanding, and they reached 1.1-1.6 TB/s. Here, as in the bf16 split-K GEMV (decode_gemv.py), a program
-reads one [BLOCK_N rows, BLOCK_K columns] tile of packed words in a single pass (every load issued before the first
-decode; with programmatic dependent launch before the previous kernel has finished), decodes it with the byte-permute
-asm of decode_nf4_prmt.py (the word's x pairs and its absmax scale read by the asm) and writes one fp32 partial sum
-per row: the grid is N/BLOCK_N x K/BLOCK_K x M, and the decode epilogue that consumes the output adds the S partial
-sums (kernels/decode_epilogue.py reads every input y as [S, M, N]).
+steps. Here, as in the bf16 split-K GEMV (decode_gemv.py), a program reads one [BLOCK_N rows, BLOCK_K columns] tile
+of packed words in a single pass (every load issued before the first decode; with programmatic dependent launch
+before the previous kernel has finished) and writes one fp32 partial sum per row: the grid is N/BLOCK_N x K/BLOCK_K
+x M, and the decode epilogue that consumes the output adds the S partial sums (kernels/decode_epilogue.py reads
+every input y as [S, M, N]). Measured on the H100 (scripts/gpu_nf4_splitk_sweep.py), more loads in flight alone
+bought little: the decode is bound by the integer pipe (the byte permutes), with the weights in L2 as in DRAM. What
+gained is the asm (`quad_dot_ptx`): four words per call (one scale, one x address), the shifts on the FMA pipe, and
+the table-half choice as a lop3 select (14 permutes a word instead of 16).
 
 `nf4_partials_config` times the configs once per shape on the device (each one's output checked against the
 float32 reference first) against the looping kernel's time and returns the fastest when it wins, else None.
@@ -23,7 +24,7 @@ import sys
 import torch
 
 from ._triton import HAS_TRITON, interpreter_on, launches_ms, pdl_launch, pdl_mode, pdl_wait, register_opaque_op
-from .decode_nf4_prmt import _decode_half_ptx, code_regs
+from .decode_nf4_prmt import code_regs
 
 if HAS_TRITON:
     import triton
@@ -96,7 +97,7 @@ _BLOCKS = [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 512, 4), (32, 512, 2), 
            (8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (32, 1024, 8), (4, 2048, 4), (8, 2048, 4), (16, 2048, 4),
            (16, 2048, 8), (8, 4096, 4), (8, 4096, 8)]
 CONFIGS = [(*b, 1) for b in _BLOCKS] + [(*b, 0) for b in _BLOCKS]
-INTERPRETER_CONFIG = (4, 64, 1, 1)
+INTERPRETER_CONFIG = (64, 128, 1, 1)  # few programs: the interpreter runs each in Python
 _TUNED: dict[tuple, tuple | None] = {}
 
 
@@ -154,7 +155,6 @@ if HAS_TRITON:
         a, b = tl.split(tl.reshape(word, [BLOCK_N, BLOCK_Q, 2, 2]))
         q0, q2 = tl.split(a)
         q1, q3 = tl.split(b)
-        zq = tl.zeros([BLOCK_N, BLOCK_Q], dtype=tl.int32)
         qi = split * BLOCK_Q + tl.arange(0, BLOCK_Q)  # quad index in the row
         # the byte tables as values the compiler cannot prove uniform (salt is 0), once per column of a thread's
         # quads (decode_nf4_prmt._tables explains why not scalars)
@@ -230,26 +230,31 @@ def fits(k: int, blocksize: int, packed: torch.Tensor, code: torch.Tensor) -> bo
 
 
 def nf4_partials_config(n: int, k: int, blocksize: int, packed: torch.Tensor, code: torch.Tensor,
-                        dtype=torch.bfloat16, max_splits: int = 16, beat_ms: float | None = None,
+                        dtype=torch.bfloat16, max_splits: int = 16, loop_config: tuple | None = None,
                         rows: int = 1) -> tuple | None:
-    """The fastest (BLOCK_N, BLOCK_K, num_warps) for this shape with at most `max_splits` partial sums, timed on the
-    device (20 launches in a CUDA graph; every config's output first checked against the float32 reference) when it
-    is faster than `beat_ms` (the looping kernel's time, by the same timing); None otherwise, off CUDA, or for bytes
-    the kernel does not read (see fits). A fixed config under the interpreter. Call it outside torch.compile."""
+    """The fastest (BLOCK_N, BLOCK_K, num_warps, LOP3) for this shape with at most `max_splits` partial sums, timed
+    on the device (20 launches in a CUDA graph; every config's output first checked against the float32 reference)
+    when it beats the looping kernel's `loop_config` (decode_nf4's, timed the same way on the same inputs); None
+    otherwise, off CUDA, or for bytes the kernel does not read (see fits). A fixed config under the interpreter.
+    Call it outside torch.compile."""
     if not fits(k, blocksize, packed, code) or dtype not in (torch.bfloat16, torch.float16):
         return None
     if interpreter_on():
         return INTERPRETER_CONFIG if splits(k, INTERPRETER_CONFIG) <= max_splits else None
     if packed.device.type != "cuda":
         return None
-    key = (n, k, blocksize, rows, str(packed.device), dtype, max_splits, beat_ms)
+    key = (n, k, blocksize, rows, str(packed.device), dtype, max_splits, loop_config)
     if key in _TUNED:
         return _TUNED[key]
-    from .decode_nf4 import TUNE_MAX_ERROR, nf4_gemv_reference, relative_error, tune_inputs
+    from . import decode_nf4 as d
 
-    x, packed_t, absmax_t, code_t = tune_inputs(n, k, blocksize, packed.device, rows, dtype)
-    ref = nf4_gemv_reference(x, packed_t, absmax_t, code_t, n, k, blocksize).float()
-    best_ms, best = (beat_ms if beat_ms is not None else float("inf")), None
+    x, packed_t, absmax_t, code_t = d.tune_inputs(n, k, blocksize, packed.device, rows, dtype)
+    ref = d.nf4_gemv_reference(x, packed_t, absmax_t, code_t, n, k, blocksize).float()
+    best_ms, best = float("inf"), None
+    if loop_config is not None:
+        y = torch.empty(rows, n, device=packed.device, dtype=dtype)
+        best_ms = launches_ms(lambda: d._launch(x, packed_t, absmax_t, code_t, y, n, k, blocksize, loop_config),
+                              warm=2)
     for cfg in CONFIGS:
         s = splits(k, cfg)
         if s > max_splits or cfg[1] > 8 * k:
@@ -257,7 +262,7 @@ def nf4_partials_config(n: int, k: int, blocksize: int, packed: torch.Tensor, co
         out = torch.empty(s, rows, n, device=packed.device, dtype=torch.float32)
         try:
             _launch(x, packed_t, absmax_t, code_t, out, n, k, blocksize, cfg)
-            if not relative_error(out.sum(0), ref) <= TUNE_MAX_ERROR:
+            if not d.relative_error(out.sum(0), ref) <= d.TUNE_MAX_ERROR:
                 continue
             ms = launches_ms(lambda c=cfg: _launch(x, packed_t, absmax_t, code_t, out, n, k, blocksize, c), warm=2)
         except Exception:  # noqa: BLE001 - a config this device cannot compile or run is skipped
