@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's GPU round through the device tool: parity checks, the generation bench, the profile.
 # usage (on the GPU machine, repo root): bash scripts/gpu_engine_round.sh [steps...]
-#   steps: check bench1b bench4 bench8b bench8b4 profile grpo export mlp nf4sweep nf4splitk overhead trainmem epilogue pdl
+#   steps: check bench1b bench4 bench8b bench8b4 profile grpo export mlp nf4sweep overhead trainmem epilogue pdl
 #   (not yet run on a GPU: export)
 set -u
 export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -19,7 +19,6 @@ for s in $steps; do
     grpo) timeout 240 python3 scripts/gpu_grpo_generation_check.py > "$OUT/grpo.txt" 2>&1; tail -6 "$OUT/grpo.txt" | tee -a "$OUT/summary.txt" ;;
     export) timeout 300 python3 scripts/gpu_export_check.py > "$OUT/export.txt" 2>&1; tail -8 "$OUT/export.txt" | tee -a "$OUT/summary.txt" ;;
     nf4sweep) timeout 300 python3 scripts/gpu_nf4_sweep.py > "$OUT/nf4sweep.txt" 2>&1; tail -14 "$OUT/nf4sweep.txt" | tee -a "$OUT/summary.txt" ;;
-    nf4splitk) timeout 400 python3 scripts/gpu_nf4_splitk_sweep.py ${SPLITK_ARGS:-} > "$OUT/nf4splitk.txt" 2>&1; grep -v "^{" "$OUT/nf4splitk.txt" | tee -a "$OUT/summary.txt" ;;
     overhead) timeout 240 python3 scripts/gpu_step_overhead.py > "$OUT/overhead.txt" 2>&1; tail -14 "$OUT/overhead.txt" | tee -a "$OUT/summary.txt" ;;
     trainmem) timeout 200 python3 scripts/gpu_train_memory.py --shape llama-3.2-1b --batch 4 --seq-len 2048 --warmup 2 > "$OUT/trainmem.txt" 2>&1; tail -30 "$OUT/trainmem.txt" | tee -a "$OUT/summary.txt" ;;
     epilogue) timeout 300 python3 scripts/gpu_epilogue_bench.py > "$OUT/epilogue.txt" 2>&1; tail -9 "$OUT/epilogue.txt" | tee -a "$OUT/summary.txt" ;;

@@ -136,7 +136,6 @@ class Projection:
         self.kind = kind
         self.fused = True
         self.gemv = None  # split-K GEMV config (kernels/decode_gemv.py) where it beats cuBLAS on this device
-        self.nf4_split = None  # split-K NF4 GEMV config (kernels/decode_nf4_splitk.py) where it beats the looping one
 
     def _epilogue_adapters(self, n: int, rank: int, a0) -> None:
         """B^T for the epilogue kernels and each output slice's first rank in x A^T (`xa_offsets`, one per entry of
@@ -157,18 +156,12 @@ class Projection:
             col += size
 
     def tune_gemv(self, max_splits: int) -> None:
-        """Pick the split-K GEMV for `raw` when it beats cuBLAS (dense fused weights) or the looping NF4 kernel (NF4
-        fused weights) here; fused weights without bias only. Its consumer adds at most `max_splits` partial sums
-        per output."""
+        """Pick the split-K GEMV for `raw` (dense fused weights without bias) when it beats cuBLAS here; its
+        consumer adds at most `max_splits` partial sums per output."""
         if self.fused and self.kind == "dense" and self.bias is None:
             from ..kernels.decode_gemv import gemv_config
 
             self.gemv = gemv_config(self.weight, max_splits=max_splits)
-        elif self.fused and self.kind == "nf4" and self.bias is None:
-            from ..kernels.decode_nf4_splitk import nf4_partials_config
-
-            self.nf4_split = nf4_partials_config(self.n, self.k, self.blocksize, self.packed, self.code, self.dtype,
-                                                 max_splits, loop_config=self.nf4_config)
 
     @torch.no_grad()
     def refresh_adapters(self) -> None:
@@ -232,12 +225,6 @@ class Projection:
 
             y = gemv_partials(x, self.weight, self.gemv)
             return y, (y[..., self.n_out:] if self.a_rows else None), self._adapters()
-        if self.nf4_split is not None and x.shape[0] == 1:  # one row: the split-K NF4 GEMV's partial sums
-            from ..kernels.decode_nf4_splitk import nf4_partials
-
-            y = nf4_partials(x, self.packed, self.absmax, self.code, self.n, self.k, self.blocksize, self.nf4_split)
-            xa = F.linear(x.to(self.lora_a.dtype), self.lora_a) if self.lora else None
-            return y, xa, self._adapters()
         y, xa = self._base(x)
         return y, xa, self._adapters()
 

@@ -13,8 +13,7 @@ from fastlm.inference.attach import attach_inference_methods, enable_fast_genera
 def load(path, lora=False, **overrides):
     """A tiny fastlm model in inference mode with the engine installed (what for_inference will do once wired).
     `lora`: attach a LoRA adapter with random, non-zero B so that it changes the output."""
-    overrides = {"load_in_16bit": not overrides.get("load_in_4bit", False), **overrides}
-    model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=256, **overrides)
+    model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=256, load_in_16bit=True, **overrides)
     if lora:
         torch.manual_seed(1)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)

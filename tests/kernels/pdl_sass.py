@@ -56,8 +56,7 @@ def _ptrs(names: str, ty: str) -> dict:
 
 def cases():
     """(name, kernel, types, constexprs, num_warps, facts to report) for each kernel of the decode step."""
-    from fastlm.kernels import (decode_attention, decode_epilogue, decode_gemv, decode_nf4, decode_nf4_prmt,
-                                decode_nf4_splitk)
+    from fastlm.kernels import decode_attention, decode_epilogue, decode_gemv, decode_nf4, decode_nf4_prmt
 
     gemv_types = {**_ptrs("x_ptr w_ptr", "*bf16"), "out_ptr": "*fp32",
                   **_ptrs("N K stride_x stride_w stride_os stride_or", "i32")}
@@ -102,11 +101,6 @@ def cases():
             **_ptrs("stride_x stride_ys stride_y stride_xas stride_xa stride_bt stride_s stride_out R XOFF HIDDEN",
                     "i32"), "eps": "fp32", **_ptrs("S S_XA", "i32")},
            dict(epi, BLOCK=128, ROW_BLOCK=2048, GEMMA=False, SPLIT=True), 2)
-    yield ("nf4_splitk", decode_nf4_splitk._nf4_partials_kernel,
-           {**_ptrs("x_ptr w_ptr regs_ptr", "*i32"), **_ptrs("absmax_ptr out_ptr", "*fp32"),
-            **_ptrs("N K words_per_row n_scales stride_os", "i32")},
-           dict(BLOCKSIZE=64, BLOCK_N=16, BLOCK_W=128, F16=False, EVEN=True, USE_ASM=True, IDX32=True, USE_PDL=1,
-                LOP3=True), 4)
     yield ("nf4_word", decode_nf4._nf4_gemv_word_kernel, word_types,
            dict(BLOCKSIZE=64, BLOCK_N=4, BLOCK_W=64, PREFETCH=True, USE_PDL=1), 4)
 

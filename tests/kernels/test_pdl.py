@@ -122,10 +122,10 @@ def _sass_facts() -> dict:
 
 @pytest.mark.parametrize("kernel,tile_bytes", [("gemv", 16 * 1024 * 2), ("gemv_steps4", 16 * 1024 * 2),
                                                ("nf4_prmt", 4 * 128 * 4), ("nf4_prmt_rows", 4 * 128 * 4),
-                                               ("nf4_word", 4 * 64 * 4), ("nf4_splitk", 16 * 128 * 4)])
+                                               ("nf4_word", 4 * 64 * 4)])
 def test_gemvs_load_exactly_their_weight_tile_before_the_wait(kernel, tile_bytes):
-    """Before griddepcontrol.wait a GEMV program loads its first weight tile (all of it for the split-K GEMVs, the
-    first step's packed words for the looping NF4 kernels) and nothing else: no activation, no table, no store."""
+    """Before griddepcontrol.wait a GEMV program loads its first weight tile (all of it for the split-K GEMV, the
+    first step's packed words for the NF4 kernels) and nothing else: no activation, no table, no store."""
     facts = _sass_facts()[(kernel, 1)]
     assert facts["wait"] and facts["trigger"]
     assert facts["load_bytes"] * facts["threads"] == tile_bytes
