@@ -41,9 +41,30 @@ def torchao_config_for(name):
         return Int8DynamicActivationInt8WeightConfig()
     if name == "int4":
         if torch.cuda.is_available():
-            return Int4WeightOnlyConfig(group_size=128)
+            config = Int4WeightOnlyConfig(group_size=128)
+            _check_cuda_int4(config)
+            return config
         return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
     return name
+
+
+def _probe_cuda_int4(config) -> None:
+    """Quantize one small bf16 linear on the GPU with `config` (raises what torchao raises)."""
+    from torchao.quantization import quantize_
+
+    quantize_(torch.nn.Linear(256, 256, bias=False, dtype=torch.bfloat16, device="cuda"), config)
+
+
+def _check_cuda_int4(config) -> None:
+    """torchao's CUDA int4 layout needs kernels from another package (torchao 0.18: "Requires mslk >= 1.0.0"); without
+    them transformers fails deep inside loading with a generic conversion error after the merge has been written.
+    Probe first and say what to do."""
+    try:
+        _probe_cuda_int4(config)
+    except ImportError as exc:
+        raise RuntimeError(f"save_pretrained_torchao: torchao's CUDA int4 weight-only layout cannot run here "
+                           f"(torchao: {str(exc).strip()}). Install what it names (e.g. pip install mslk), or use "
+                           f'torchao_config="int8"; int4 on a machine without a GPU uses the CPU layout.') from exc
 
 
 def _save_quantized(quant, directory: Path) -> None:

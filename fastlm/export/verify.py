@@ -167,10 +167,18 @@ def reload_exported(directory: Path, save_method: str, model, dtype: torch.dtype
         config = copy.deepcopy(base_model_of(model).config)  # the loaded config (RoPE scaling, resized vocab)
         kwargs = {}
         qc = getattr(config, "quantization_config", None)
+        source = get_state(model).source.path
         if qc is not None:
             kwargs["quantization_config"] = qc
+            # the base is loaded again from the source the way the model was: quantized on load from 16-bit weights
+            # (the config then carries none: transformers would take the weights for quantized ones), or as the
+            # quantized checkpoint it is, its config as a dict (transformers 5.17 reads it with .get; a CUDA
+            # model's config holds the config object)
+            if "quantization_config" in get_state(model).source.config:
+                config.quantization_config = qc.to_dict() if hasattr(qc, "to_dict") else qc
+            else:
+                del config.quantization_config
         rows = base_model_of(model).get_input_embeddings().weight.shape[0]
-        source = get_state(model).source.path
         config.vocab_size = get_state(model).source.config.get("vocab_size", rows)
         base = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, device_map=device_map(),
                                                     **kwargs)

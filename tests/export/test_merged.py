@@ -86,3 +86,20 @@ def test_4bit_model_merges_into_original_16bit_weights(tiny_model_factory, lora_
     expected = original["model.layers.0.self_attn.q_proj.weight"] + (16 / 8) * b @ a
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
     assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"])
+
+
+def test_lora_export_of_a_4bit_model_reloads_with_its_config_as_an_object(tiny_model_factory, lora_model_factory,
+                                                                          tmp_path):
+    """A 4-bit model loaded on CUDA carries config.quantization_config as a BitsAndBytesConfig object (on the H100
+    with transformers 5.17); the lora export's reload check passed that config to from_pretrained, which read it with
+    .get and failed. The check must reload it either way."""
+    from transformers import BitsAndBytesConfig
+
+    model, tok = lora_model_factory(tiny_model_factory("llama"), load_in_4bit=True)
+    base = model.get_base_model()
+    qc = base.config.quantization_config
+    base.config.quantization_config = qc if isinstance(qc, BitsAndBytesConfig) else BitsAndBytesConfig.from_dict(
+        dict(qc))
+    report = model.save_pretrained_merged(tmp_path / "lora", tok, save_method="lora")
+    assert report["checks"][0]["passed"], report["checks"][0]
+    assert isinstance(base.config.quantization_config, BitsAndBytesConfig)  # the model's own config is untouched

@@ -48,3 +48,21 @@ def test_qat_int4_trains_and_converts(tiny_model_factory, tmp_path):
     vs_model = report["checks"][1]
     # the converted int4 model computes what the fake-quantized model trained with
     assert vs_model["metrics"]["mean_kl"] < 1e-3 and vs_model["metrics"]["top1_agreement"] > 0.95
+
+
+def test_cuda_int4_without_its_kernels_names_the_fix_before_writing(tiny_model_factory, lora_model_factory, tmp_path,
+                                                                    monkeypatch):
+    """On a GPU whose torchao cannot run its int4 layout (the H100 image: "Requires mslk >= 1.0.0"), the export
+    stops before writing anything with an error that says what to install or which config to use instead."""
+    from fastlm.export import torchao as ta
+
+    model, tok = lora_model_factory(tiny_model_factory("llama"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def probe(config):
+        raise ImportError("Requires mslk >= 1.0.0")
+
+    monkeypatch.setattr(ta, "_probe_cuda_int4", probe)
+    with pytest.raises(RuntimeError, match=r'mslk.*pip install mslk.*torchao_config="int8"'):
+        model.save_pretrained_torchao(tmp_path / "t", tok, torchao_config="int4")
+    assert not (tmp_path / "t").exists()
