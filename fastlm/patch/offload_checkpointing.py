@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import weakref
 from typing import Callable
 
@@ -27,14 +28,68 @@ from torch import nn
 from ..errors import UnsupportedFeatureError
 from ..state import base_model_of
 
+logger = logging.getLogger(__name__)
+
+
+MIN_PIECE = 2 << 20  # pinned pieces are powers of two of at least this many bytes
+CHECK_HOST_FROM = 256 << 20  # inputs of at least this many bytes are pinned only while host memory allows
+HOST_RESERVE = 4 << 30  # host memory left available after pinning one (bytes)
+
+
+def pinned_pieces(nbytes: int) -> list[int]:
+    """Sizes (powers of two, largest first) whose sum covers nbytes with less than MIN_PIECE to spare. torch's
+    pinned-memory allocator rounds every request up to a power of two, so one 3.3 GB layer input (Llama-3.1-8B at
+    400k tokens) would take 4.3 GB of host memory, and 32 of them more than the H100 machine's 125 GB."""
+    pieces, rest = [], max(int(nbytes), 1)
+    while rest > MIN_PIECE:
+        top = 1 << (rest.bit_length() - 1)
+        pieces.append(top)
+        rest -= top
+    if rest > 0:  # at most MIN_PIECE left: one more MIN_PIECE, or for a small input alone the power of two over it
+        pieces.append(MIN_PIECE if pieces else 1 << (rest - 1).bit_length())
+    return pieces
+
+
+def host_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
 
 class OffloadState:
-    """Per-model bookkeeping: one side stream per CUDA device and the saved inputs not yet used by a backward, in
-    forward order (so each backward can start bringing back the input of the layer before it)."""
+    """Per-model bookkeeping: one side stream per CUDA device, the saved inputs not yet used by a backward, in
+    forward order (so each backward can start bringing back the input of the layer before it), and the pinned bytes
+    held now and at most so far (torch's pinned allocator keeps freed blocks for reuse, so only growth past the most
+    ever held takes new host memory)."""
 
     def __init__(self) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.pending: list[weakref.ref] = []
+        self.pinned = 0
+        self.most_pinned = 0
+        self.kept_on_gpu = 0  # inputs kept on the GPU because host memory was short (for the one-time notice)
+
+    def may_pin(self, nbytes: int) -> bool:
+        """Whether pinning nbytes more leaves HOST_RESERVE of host memory (always for small inputs, for growth the
+        allocator's cache covers, and where the available memory cannot be read)."""
+        grow = self.pinned + nbytes - self.most_pinned
+        if nbytes < CHECK_HOST_FROM or grow <= 0:
+            return True
+        available = host_available()
+        return available is None or available - grow >= HOST_RESERVE
+
+    def hold(self, nbytes: int) -> None:
+        self.pinned += nbytes
+        self.most_pinned = max(self.most_pinned, self.pinned)
+
+    def release(self, nbytes: int) -> None:
+        self.pinned -= nbytes
 
     def __reduce__(self):  # a copied (or pickled) model gets fresh streams: CUDA streams cannot be copied
         return OffloadState, ()
@@ -57,17 +112,34 @@ class OffloadState:
         return None
 
 
+def _byte_slices(flat: torch.Tensor, sizes: list[int]):
+    """Consecutive byte slices of a contiguous uint8 tensor, of the given sizes (the last one shorter if it ends)."""
+    start = 0
+    for size in sizes:
+        stop = min(start + size, flat.numel())
+        yield flat[start:stop]
+        start = stop
+
+
 class OffloadedInput:
-    """A CUDA layer input held in pinned CPU memory: copied out on the side stream in forward, copied back on it
-    (`prefetch`), and handed to the compute stream by `load` once the copy is done."""
+    """A CUDA layer input held in pinned CPU memory (power-of-two pieces, see pinned_pieces): copied out on the side
+    stream in forward, copied back on it (`prefetch`), and handed to the compute stream by `load` once the copy is
+    done."""
 
     def __init__(self, x: torch.Tensor, state: OffloadState):
         self.device, self.state = x.device, state
+        self.shape, self.dtype = x.shape, x.dtype
         compute, side = torch.cuda.current_stream(x.device), state.stream(x.device)
-        self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        x = x.contiguous()
+        flat = x.view(-1).view(torch.uint8)
+        self.sizes = pinned_pieces(flat.numel())
+        self.host = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in self.sizes]
+        self.nbytes = sum(self.sizes)
+        state.hold(self.nbytes)
         side.wait_stream(compute)  # x is ready
         with torch.cuda.stream(side):
-            self.host.copy_(x, non_blocking=True)
+            for host, part in zip(self.host, _byte_slices(flat, self.sizes)):
+                host[:part.numel()].copy_(part, non_blocking=True)
         x.record_stream(side)  # x's memory is not reused before the copy finished
         self.gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
@@ -77,10 +149,11 @@ class OffloadedInput:
         if self.gpu is not None:
             return
         compute, side = torch.cuda.current_stream(self.device), self.state.stream(self.device)
-        self.gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # a compute-stream block
+        self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # a compute-stream block
         side.wait_stream(compute)  # ... that queued compute work may still be using: copy after it
         with torch.cuda.stream(side):
-            self.gpu.copy_(self.host, non_blocking=True)
+            for host, part in zip(self.host, _byte_slices(self.gpu.view(-1).view(torch.uint8), self.sizes)):
+                part.copy_(host[:part.numel()], non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(side)
 
@@ -90,7 +163,27 @@ class OffloadedInput:
         self.prefetch()
         torch.cuda.current_stream(self.device).wait_event(self.ready)
         x, self.gpu, self.host = self.gpu, None, None
+        self.state.release(self.nbytes)
         return x, following
+
+    def __del__(self):  # a forward whose backward never ran (evaluation under grad, an exception)
+        if getattr(self, "host", None) is not None:
+            self.state.release(self.nbytes)
+            self.host = None
+
+
+def offload_input(x: torch.Tensor, state: OffloadState) -> "OffloadedInput | None":
+    """x copied to pinned host memory, or None when the host cannot hold it (state.may_pin): the layer then keeps
+    its input on the GPU (plain checkpointing for that layer; one warning per model)."""
+    nbytes = x.numel() * x.element_size()
+    if state.may_pin(nbytes):
+        return OffloadedInput(x, state)
+    if not state.kept_on_gpu:
+        logger.warning("fastlm: host memory is short for offloaded checkpointing (%.1f GB more of pinned memory "
+                       "would leave under %.0f GB available); layer inputs that do not fit stay on the GPU",
+                       nbytes / 1e9, HOST_RESERVE / 2 ** 30)
+    state.kept_on_gpu += 1
+    return None
 
 
 def _prefetch_after_mlp_backward(module: nn.Module | None, following: OffloadedInput | None):
@@ -150,8 +243,9 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.cuda_devices = sorted({t.device.index for t in inputs if torch.is_tensor(t) and t.is_cuda})
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_cuda = [torch.cuda.get_rng_state(d) for d in ctx.cuda_devices]
-        offload = call.n_args > 0 and torch.is_tensor(inputs[0]) and inputs[0].is_cuda
-        ctx.offloaded = OffloadedInput(inputs[0], call.state) if offload else None
+        cuda_input = call.n_args > 0 and torch.is_tensor(inputs[0]) and inputs[0].is_cuda
+        ctx.offloaded = offload_input(inputs[0], call.state) if cuda_input else None
+        offload = ctx.offloaded is not None
         ctx.non_tensors = {i: t for i, t in enumerate(inputs) if not torch.is_tensor(t)}
         ctx.save_for_backward(*[None if (offload and i == 0) or not torch.is_tensor(t) else t
                                 for i, t in enumerate(inputs)], *flat[n_in:])

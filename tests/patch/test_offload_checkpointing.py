@@ -214,3 +214,55 @@ def test_next_input_is_fetched_after_the_mlp_backward_not_during_it():
 
     events.clear()
     assert _prefetch_after_mlp_backward(nn.Linear(4, 4), Following()) is None and events == ["prefetch"]
+
+
+def test_pinned_pieces_cover_an_input_with_powers_of_two_and_little_to_spare():
+    """torch's pinned allocator rounds each request up to a power of two (a 3.3 GB layer input of Llama-3.1-8B at
+    400k tokens would hold 4.3 GB): the host copy is made of power-of-two pieces instead, less than MIN_PIECE over."""
+    from fastlm.patch.offload_checkpointing import MIN_PIECE, pinned_pieces
+
+    for n in [1, 3, 100, 5000, MIN_PIECE, MIN_PIECE + 1, 33554432, 400_000 * 4096 * 2, 2 ** 31, 2 ** 31 + 12345]:
+        pieces = pinned_pieces(n)
+        assert all(p & (p - 1) == 0 for p in pieces) and sum(pieces) >= n
+        assert sum(pieces) - n < (MIN_PIECE if n > MIN_PIECE else n)
+    assert sum(pinned_pieces(400_000 * 4096 * 2)) < 400_000 * 4096 * 2 + MIN_PIECE  # 3.28 GB, not 4.29
+
+
+def test_large_inputs_are_pinned_only_while_host_memory_allows(monkeypatch):
+    """A layer input of CHECK_HOST_FROM bytes or more is pinned only if HOST_RESERVE stays available; growth that
+    the pinned allocator's cache covers (bytes held before, released by a backward) needs no new host memory."""
+    from fastlm.patch import offload_checkpointing as oc
+
+    state = oc.OffloadState()
+    big = 3 << 30
+    monkeypatch.setattr(oc, "host_available", lambda: big + oc.HOST_RESERVE + 1)
+    assert state.may_pin(big)
+    state.hold(big)
+    monkeypatch.setattr(oc, "host_available", lambda: big + oc.HOST_RESERVE - 1)
+    assert not state.may_pin(big) and state.may_pin(oc.CHECK_HOST_FROM - 1)
+    state.release(big)  # the next step reuses the cached block: no host memory needed
+    monkeypatch.setattr(oc, "host_available", lambda: 0)
+    assert state.may_pin(big) and not state.may_pin(big + oc.CHECK_HOST_FROM)
+    monkeypatch.setattr(oc, "host_available", lambda: None)  # unknown: pin as before
+    assert state.may_pin(10 * big)
+
+
+def test_an_input_the_host_cannot_hold_stays_on_the_device(monkeypatch, caplog):
+    """When may_pin says no, offload_input keeps the input where it is (the layer is then checkpointed plainly, as
+    on CPU, whose gradients the tests above compare) and warns once per model; when it says yes it pins."""
+    import logging
+
+    from fastlm.patch import offload_checkpointing as oc
+
+    pinned = []
+    monkeypatch.setattr(oc, "OffloadedInput", lambda t, state: pinned.append(t) or "pinned")
+    state = oc.OffloadState()
+    x = torch.zeros(4, 8)
+    allow = {"now": False}
+    monkeypatch.setattr(state, "may_pin", lambda nbytes: nbytes == x.numel() * 4 and allow["now"])
+    with caplog.at_level(logging.WARNING, logger="fastlm.patch.offload_checkpointing"):
+        assert oc.offload_input(x, state) is None and oc.offload_input(x, state) is None
+    assert state.kept_on_gpu == 2 and pinned == []
+    assert sum("host memory is short" in r.getMessage() for r in caplog.records) == 1
+    allow["now"] = True
+    assert oc.offload_input(x, state) == "pinned" and pinned == [x]
