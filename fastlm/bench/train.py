@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-embedding", action="store_true",
                    help="fastlm side: from_pretrained(offload_embedding=True), the input embedding in CPU memory "
                         "(models with untied embeddings)")
+    p.add_argument("--tiled-mlp", action="store_true",
+                   help="fastlm side: from_pretrained(unsloth_tiled_mlp=True), the MLP computed in sequence tiles "
+                        "(long contexts)")
     p.add_argument("--padding-free", action="store_true",
                    help="variable lengths in [64, seq-len]: fastlm trains them packed (position_ids per sequence), "
                         "HF the same sequences padded; tokens/s counts real tokens")
@@ -130,7 +133,7 @@ def _child_env() -> dict:
 def run_worker(kind: str, args, model_dir: Path, **overrides) -> dict:
     """Run `--worker kind` in a fresh process and return its record; a crash becomes an error/OOM record."""
     values = {k: getattr(args, k) for k in ("shape", "bits", "batch", "seq_len", "rank", "steps", "warmup", "lr",
-                                            "seed", "padding_free", "offload_embedding")}
+                                            "seed", "padding_free", "offload_embedding", "tiled_mlp")}
     values.update(overrides)
     with tempfile.TemporaryDirectory(prefix="fastlm-bench-") as tmp:
         result = Path(tmp) / "result.json"
@@ -235,7 +238,7 @@ def summarize(args, sides: list[str], results: dict, build: dict) -> dict:
     summary = {"bench": "train", "shape": args.shape, "bits": args.bits, "batch": args.batch, "seq_len": args.seq_len,
                "rank": args.rank, "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "seed": args.seed,
                "padding_free": args.padding_free, "offload_embedding": args.offload_embedding,
-               "device": info.get("device_name"), "dtype": info.get("dtype"),
+               "tiled_mlp": args.tiled_mlp, "device": info.get("device_name"), "dtype": info.get("dtype"),
                "autocast": info.get("autocast"), "memory": info.get("memory"), "versions": info.get("versions"),
                "parameters": build.get("parameters"), "commit": _git_commit()}
     for side in sides:
@@ -259,7 +262,8 @@ def format_table(summary: dict, sides: list[str]) -> str:
     s = summary
     lines = [f"fastlm bench train: {s['shape']}, {s['bits']}-bit, LoRA r{s['rank']} on 7 linears, batch {s['batch']} x "
              f"{s['seq_len']}{' (padding-free, variable lengths)' if s['padding_free'] else ''}"
-             f"{', fastlm embedding offloaded to CPU' if s.get('offload_embedding') else ''}, {s['steps']} timed "
+             f"{', fastlm embedding offloaded to CPU' if s.get('offload_embedding') else ''}"
+             f"{', fastlm MLP tiled' if s.get('tiled_mlp') else ''}, {s['steps']} timed "
              f"steps after {s['warmup']} warm-up; {s['device']} ({s['dtype']}{', autocast' if s['autocast'] else ''})",
              f"{'side':<8} {'status':<7} {'tokens/s':>10} {'step ms p20/med/p80':>22} {'peak GB':>8} "
              f"{'loss first -> last-k mean':>26}"]

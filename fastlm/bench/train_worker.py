@@ -102,13 +102,13 @@ def load_hf(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype
 
 
 def load_fastlm(model_dir: Path, bits: int, rank: int, seed: int, dtype: torch.dtype, max_seq_length: int,
-                offload_embedding: bool = False):
+                offload_embedding: bool = False, tiled_mlp: bool = False):
     """The user's path: FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing="unsloth")."""
     from fastlm.api import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=max_seq_length, dtype=dtype,
                                                  load_in_4bit=bits == 4, random_state=seed,
-                                                 offload_embedding=offload_embedding)
+                                                 offload_embedding=offload_embedding, unsloth_tiled_mlp=tiled_mlp)
     model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0,
                                              target_modules=TARGET_MODULES, use_gradient_checkpointing="unsloth",
                                              random_state=seed, max_seq_length=max_seq_length)
@@ -175,7 +175,8 @@ def train_step(model, optimizer, inputs: dict, dtype: torch.dtype, autocast: boo
 
 
 def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: int, rank: int, steps: int,
-               warmup: int, lr: float, seed: int, padding_free: bool, offload_embedding: bool = False) -> dict:
+               warmup: int, lr: float, seed: int, padding_free: bool, offload_embedding: bool = False,
+               tiled_mlp: bool = False) -> dict:
     """Load `side` and train. Returns the result record (status "ok" / "OOM" / "error")."""
     device, dtype = device_and_dtype()
     autocast = device == "cuda"
@@ -193,7 +194,7 @@ def train_side(side: str, model_dir: Path, *, bits: int, batch: int, seq_len: in
         if side == "hf":
             model = load_hf(model_dir, bits, rank, seed, dtype, device)
         else:
-            model = load_fastlm(model_dir, bits, rank, seed, dtype, seq_len, offload_embedding)
+            model = load_fastlm(model_dir, bits, rank, seed, dtype, seq_len, offload_embedding, tiled_mlp)
         _sync(device)
         record["load_s"] = round(time.perf_counter() - t0, 2)
         # the process peak so far: loading alone (peak_gb, the whole process, is at least this), which tells
@@ -255,7 +256,8 @@ def worker_main(args) -> int:
     else:
         record = train_side(args.worker, model_dir, bits=args.bits, batch=args.batch, seq_len=args.seq_len,
                             rank=args.rank, steps=args.steps, warmup=args.warmup, lr=args.lr, seed=args.seed,
-                            padding_free=args.padding_free, offload_embedding=args.offload_embedding)
+                            padding_free=args.padding_free, offload_embedding=args.offload_embedding,
+                            tiled_mlp=args.tiled_mlp)
         record["versions"] = versions()
     Path(args.result).write_text(json.dumps(record))
     return 0

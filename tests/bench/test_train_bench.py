@@ -160,3 +160,27 @@ def test_offload_embedding_flag_names_what_it_needs(shape):
         pytest.skip("accepted on a GPU (the run itself is the device benchmark)")
     with pytest.raises(ConfigError, match="--offload-embedding.*untied embeddings"):
         bench_train.check_args(args)
+
+
+def test_tiled_mlp_flag_reaches_the_fastlm_load(monkeypatch, tmp_path):
+    """--tiled-mlp travels to the worker process and into from_pretrained(unsloth_tiled_mlp=True) (long contexts:
+    the Llama-3.1-8B 400k probe needs the MLP in tiles)."""
+    from fastlm.api import FastLanguageModel
+    from fastlm.bench import train_worker
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", fake_load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_worker.load_fastlm(tmp_path, 16, 8, 0, torch.float32, 64, tiled_mlp=True)
+    assert seen["unsloth_tiled_mlp"] is True
+
+    cmds = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    args = train.build_parser().parse_args(["--shape", "tiny-llama", "--tiled-mlp"])
+    train.run_worker("fastlm", args, tmp_path)
+    assert "--tiled-mlp" in cmds[0]
