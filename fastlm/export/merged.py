@@ -61,7 +61,7 @@ def is_peft(model) -> bool:
 
 def _shard_bytes(max_shard_size, maximum_memory_usage: float) -> int:
     """Shard size: `max_shard_size`, but no more than half of `maximum_memory_usage` of the free RAM."""
-    from .progress import available_ram_bytes
+    from ..utils.memory import available_ram_bytes
 
     cap = _size_to_bytes(max_shard_size)
     free = available_ram_bytes()

@@ -1,20 +1,8 @@
-"""Progress bars for long export steps and the free-RAM figure that bounds merge shards."""
+"""Progress bars for long export steps."""
 from __future__ import annotations
 
 import contextlib
 import os
-
-
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import UnsupportedFeatureError
 from ..state import base_model_of
+from ..utils.memory import available_ram_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,6 @@ def pinned_pieces(nbytes: int) -> list[int]:
     return pieces
 
 
-def host_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 class OffloadState:
     """Per-model bookkeeping: one side stream per CUDA device, the saved inputs not yet used by a backward, in
     forward order (so each backward can start bringing back the input of the layer before it), and the pinned bytes
@@ -81,7 +70,7 @@ class OffloadState:
         grow = self.pinned + nbytes - self.most_pinned
         if nbytes < CHECK_HOST_FROM or grow <= 0:
             return True
-        available = host_available()
+        available = available_ram_bytes()
         return available is None or available - grow >= HOST_RESERVE
 
     def hold(self, nbytes: int) -> None:

@@ -22,6 +22,18 @@ class MemoryUsage:
         return f"{self.device}: {self.used_gb:.2f} GB used{total}, peak {self.peak_gb:.2f} GB ({self.note})"
 
 
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _rss_gb() -> float:
     try:
         with open("/proc/self/statm") as fh:

@@ -235,15 +235,15 @@ def test_large_inputs_are_pinned_only_while_host_memory_allows(monkeypatch):
 
     state = oc.OffloadState()
     big = 3 << 30
-    monkeypatch.setattr(oc, "host_available", lambda: big + oc.HOST_RESERVE + 1)
+    monkeypatch.setattr(oc, "available_ram_bytes", lambda: big + oc.HOST_RESERVE + 1)
     assert state.may_pin(big)
     state.hold(big)
-    monkeypatch.setattr(oc, "host_available", lambda: big + oc.HOST_RESERVE - 1)
+    monkeypatch.setattr(oc, "available_ram_bytes", lambda: big + oc.HOST_RESERVE - 1)
     assert not state.may_pin(big) and state.may_pin(oc.CHECK_HOST_FROM - 1)
     state.release(big)  # the next step reuses the cached block: no host memory needed
-    monkeypatch.setattr(oc, "host_available", lambda: 0)
+    monkeypatch.setattr(oc, "available_ram_bytes", lambda: 0)
     assert state.may_pin(big) and not state.may_pin(big + oc.CHECK_HOST_FROM)
-    monkeypatch.setattr(oc, "host_available", lambda: None)  # unknown: pin as before
+    monkeypatch.setattr(oc, "available_ram_bytes", lambda: None)  # unknown: pin as before
     assert state.may_pin(10 * big)
 
 
